@@ -1,0 +1,108 @@
+"""Backend registry and selection.
+
+A backend implements some of the package's three kernel ops as registered torch
+ops (namespace ``tidar``) and says which calls it supports. The public functions
+in :mod:`tidar_kernels.ops` validate their inputs, then call :func:`select` once
+per call: the ``backend=`` argument (strict: an unsupported call is an error) >
+the ``TIDAR_BACKEND`` environment variable (a preference: falls back when that
+backend does not support the call) > the first supporting backend in
+:data:`PREFERENCE` ("cuda", "triton", "reference"). On CPU tensors automatic
+selection always gives the reference; the Triton interpreter must be named.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+PREFERENCE = ("cuda", "triton", "reference")
+ENV_VAR = "TIDAR_BACKEND"
+
+# op names a backend may implement
+ATTENTION = "attention"  # cache-free training / causal attention, differentiable
+CACHED_ATTENTION = "cached_attention"  # decode / prefill / causal-with-cache, writes the cache
+ACCEPT_DRAFTS = "accept_drafts"  # greedy acceptance + in-place commit of cache_seqlens
+
+
+class Call(NamedTuple):
+    """What a backend needs to know to say whether it supports a call."""
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    layout: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops. Missing ops are ``None``."""
+
+    name: str
+    supports: Callable[[Call], bool]
+    attention: Optional[Callable] = None
+    cached_attention: Optional[Callable] = None
+    accept_drafts: Optional[Callable] = None
+    # Picked automatically for CPU tensors? Only the reference is: the Triton
+    # interpreter runs on the CPU but only when asked for by name.
+    auto_on_cpu: bool = False
+
+
+_MODULES = {"reference": ".reference_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
+
+
+def _import(name: str) -> Optional[Backend]:
+    try:
+        return importlib.import_module(_MODULES[name], __name__).BACKEND
+    except ImportError:  # triton missing, or the CUDA extension was not built
+        return None
+
+
+_LOADED: dict[str, Optional[Backend]] = {}
+
+
+def load(name: str) -> Optional[Backend]:
+    """The backend called ``name``, or None when it cannot load here (no triton, no extension)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {sorted(_MODULES)} or None, got {name!r}")
+    return _LOADED[name]
+
+
+def available() -> list[str]:
+    """Names of the backends that load on this machine, in preference order."""
+    return [name for name in PREFERENCE if load(name) is not None]
+
+
+def _supports(backend: Optional[Backend], call: Call) -> bool:
+    return backend is not None and getattr(backend, call.op) is not None and backend.supports(call)
+
+
+def select(call: Call, requested: Optional[str]) -> Backend:
+    """Pick the backend for ``call`` (see the module docstring for the order)."""
+    if requested is not None:
+        backend = load(requested)
+        if not _supports(backend, call):
+            why = "is not available on this machine" if backend is None else "does not support this call"
+            raise ValueError(f"backend={requested!r} {why}: {call.op} on {call.device.type} with dtype "
+                             f"{call.dtype}, head_dim {call.head_dim}, layout {call.layout}; "
+                             f"available backends: {available()}")
+        return backend
+    preferred = os.environ.get(ENV_VAR) or None
+    if preferred is not None and preferred not in _MODULES:
+        raise ValueError(f"{ENV_VAR} must be one of {sorted(_MODULES)}, got {preferred!r}")
+    order = ((preferred,) if preferred else ()) + PREFERENCE
+    for name in order:
+        backend = load(name)
+        if call.device.type == "cpu" and backend is not None and not backend.auto_on_cpu:
+            continue
+        if _supports(backend, call):
+            return backend
+    raise RuntimeError(f"no backend supports {call}")  # unreachable: the reference supports all
+
+
+# Discover once at import, so dispatch inside torch.compile or a CUDA graph
+# capture is a dictionary lookup.
+_LOADED.update({name: _import(name) for name in PREFERENCE})

@@ -1,0 +1,139 @@
+"""Plain-PyTorch reference of every tidar op: the ground truth for the kernels.
+
+Math is done in fp32 (fp64 when the inputs are fp64), the mask comes from
+:mod:`tidar_kernels.mask` (dense, built from the compact rule), and outputs are
+cast back to the input dtype. Slow and memory-hungry by design: it favours
+obviously-right over fast. Tensor layout is flash-attn's ``[batch, seq, heads, dim]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import mask as tidar_mask
+from ..mask import Layout
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """GQA: ``[B, T, Hkv, D] -> [B, T, Hq, D]``; query head ``h`` uses KV head ``h // (Hq/Hkv)``."""
+    return x.repeat_interleave(num_q_heads // x.shape[2], dim=2)
+
+
+def masked_attention(q, k, v, allowed, scale, dtype=None):
+    """Softmax attention with a dense bool mask ``allowed`` of shape broadcastable to ``[B, H, Tq, Tk]``.
+
+    Computes in ``dtype`` (default: fp32/fp64 as :func:`compute_dtype`). Returns
+    ``out [B, Tq, Hq, D]`` in that dtype and ``lse [B, Hq, Tq]`` (natural log).
+    """
+    dtype = dtype or compute_dtype(q.dtype)
+    qf, kf, vf = (t.to(dtype) for t in (q, expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2])))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+    return out, lse
+
+
+def attention_mask(layout: Layout, num_rows: int, block_size: int) -> torch.Tensor:
+    """Dense ``[T, T]`` mask of the cache-free layouts (training, causal)."""
+    clean_rows = num_rows // 2 if layout == Layout.TRAINING else num_rows
+    return tidar_mask.local_mask(layout, num_rows, clean_rows, block_size)
+
+
+def attention_forward(q, k, v, layout: int, block_size: int, scale: float):
+    """Forward of the cache-free op: ``(out [B,T,Hq,D] in q.dtype, lse [B,Hq,T] fp32)``."""
+    allowed = attention_mask(Layout(layout), q.shape[1], block_size).to(q.device)
+    out, lse = masked_attention(q, k, v, allowed, scale)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def attention_backward(dout, q, k, v, out, lse, layout: int, block_size: int, scale: float):
+    """Flash-attention style backward from the saved ``lse`` (recomputes the probabilities).
+
+    ``P = exp(S - lse)``, ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P (dP - rowsum(dO*O))``,
+    ``dQ = scale dS K``, ``dK = scale dS^T Q``; GQA sums dK/dV over each KV head's group.
+    """
+    dtype = compute_dtype(q.dtype)
+    num_q_heads, num_kv_heads = q.shape[2], k.shape[2]
+    allowed = attention_mask(Layout(layout), q.shape[1], block_size).to(q.device)
+    qf, of, dof = (t.to(dtype) for t in (q, out, dout))
+    kf, vf = (expand_kv_heads(t, num_q_heads).to(dtype) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    probs = torch.exp(scores - lse.to(dtype)[..., None]).masked_fill(~allowed, 0.0)
+    dv = torch.einsum("bhqk,bqhd->bkhd", probs, dof)
+    dprobs = torch.einsum("bqhd,bkhd->bhqk", dof, vf)
+    delta = (dof * of).sum(-1).transpose(1, 2)  # [B, H, Tq]
+    dscores = probs * (dprobs - delta[..., None])
+    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, kf) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, qf) * scale
+    group = num_q_heads // num_kv_heads
+    batch, seq, _, head_dim = k.shape
+    dk = dk.reshape(batch, seq, num_kv_heads, group, head_dim).sum(3)
+    dv = dv.reshape(batch, seq, num_kv_heads, group, head_dim).sum(3)
+    return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
+
+
+def cached_mask(layout: Layout, cache_seqlens: torch.Tensor, max_len: int, num_rows: int,
+                clean_rows: int, block_size: int, context_lens) -> torch.Tensor:
+    """Dense ``[B, 1, T, max_len + T]`` mask: cache rows ``[0, n_b)`` then the step's own keys."""
+    cols = torch.arange(max_len, device=cache_seqlens.device)
+    cache_part = (cols[None, :] < cache_seqlens.long()[:, None])[:, None, None, :]  # [B,1,1,max_len]
+    rows = torch.arange(num_rows, device=cache_seqlens.device)
+    context = 0 if context_lens is None else context_lens.long()[:, None, None]
+    clean_end, block_start, block_end = tidar_mask.key_ranges(
+        layout, rows[None, :, None], clean_rows, block_size, context)
+    local_cols = rows[None, None, :]
+    local_part = (local_cols < clean_end) | ((local_cols >= block_start) & (local_cols < block_end))
+    batch = cache_seqlens.shape[0]
+    cache_part = cache_part.expand(batch, 1, num_rows, max_len)
+    local_part = local_part.expand(batch, num_rows, num_rows)[:, None]
+    return torch.cat([cache_part, local_part], dim=-1)
+
+
+def rows_written(layout: Layout, num_rows: int, clean_rows: int) -> int:
+    """How many leading step rows go into the cache: drafts / prompt / all (never mask rows)."""
+    return num_rows if layout == Layout.CAUSAL else clean_rows
+
+
+def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
+                     layout: int, block_size: int, scale: float):
+    """Attention of the step rows over cache ``[0, n_b)`` and their own keys; writes the
+    clean step rows' K/V into the cache at ``[n_b, n_b + W)`` in place."""
+    layout = Layout(layout)
+    batch, num_rows = q.shape[:2]
+    clean_rows = num_rows if layout == Layout.CAUSAL else (
+        block_size if layout == Layout.DECODE else num_rows - block_size)
+    max_len = k_cache.shape[1]
+    allowed = cached_mask(layout, cache_seqlens, max_len, num_rows, clean_rows, block_size, context_lens)
+    keys = torch.cat([k_cache, k_new.to(k_cache.dtype)], dim=1)
+    values = torch.cat([v_cache, v_new.to(v_cache.dtype)], dim=1)
+    out, _ = masked_attention(q, keys, values, allowed, scale)
+    written = rows_written(layout, num_rows, clean_rows)
+    index = (cache_seqlens.long()[:, None] + torch.arange(written, device=q.device))  # [B, W]
+    index = index[:, :, None, None].expand(batch, written, *k_cache.shape[2:])
+    k_cache.scatter_(1, index, k_new[:, :written].to(k_cache.dtype))
+    v_cache.scatter_(1, index, v_new[:, :written].to(v_cache.dtype))
+    return out.to(q.dtype).contiguous()
+
+
+def accept_drafts(drafts, draft_logits, block_logits, cache_seqlens, active, beta: float):
+    """TIDAR.md section 5 (greedy): accepted count, commit, and the next first draft.
+
+    ``draft_logits[:, i]`` = ``a_i``; ``block_logits[:, j-1]`` = ``b_{j,0}``. Returns
+    ``(accepted int32 [B], targets int64 [B, k])`` with ``targets[:, j-1] = v_j``; the
+    next first draft is ``targets[b, accepted_b - 1]``. Advances ``cache_seqlens``
+    by ``accepted`` in place; inactive sequences accept 0 and do not move.
+    """
+    mixed = beta * draft_logits.float() + (1.0 - beta) * block_logits.float()
+    targets = mixed.argmax(dim=-1)  # [B, k]: v_1..v_k
+    matches = drafts[:, 1:] == targets[:, :-1]  # d_j == v_j for j = 1..k-1
+    accepted = 1 + torch.cumprod(matches.int(), dim=1).sum(dim=1)
+    if active is not None:
+        accepted = accepted * active.int()
+    accepted = accepted.int()
+    cache_seqlens.add_(accepted)
+    return accepted, targets

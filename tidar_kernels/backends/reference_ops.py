@@ -1,0 +1,93 @@
+"""Registers the PyTorch reference as torch ops ``tidar::*_reference``.
+
+Registered ops (rather than plain functions) so the reference is checked with
+``torch.library.opcheck`` like every kernel and ``torch.compile`` sees the same
+graph whichever backend runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import Backend, Call
+from . import reference
+
+
+@torch.library.custom_op("tidar::attention_fwd_reference", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: int, block_size: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.attention_forward(q, k, v, layout, block_size, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, layout, block_size, scale):
+    batch, seq, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+
+
+@torch.library.custom_op("tidar::attention_bwd_reference", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, layout: int, block_size: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference.attention_backward(dout, q, k, v, out, lse, layout, block_size, scale)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, layout, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("tidar::cached_attention_reference", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
+                     layout: int, block_size: int, scale: float) -> torch.Tensor:
+    return reference.cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
+                                      layout, block_size, scale)
+
+
+@cached_attention.register_fake
+def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("tidar::accept_drafts_reference", mutates_args=("cache_seqlens",))
+def accept_drafts(drafts: torch.Tensor, draft_logits: torch.Tensor, block_logits: torch.Tensor,
+                  cache_seqlens: torch.Tensor, active: Optional[torch.Tensor],
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.accept_drafts(drafts, draft_logits, block_logits, cache_seqlens, active, beta)
+
+
+@accept_drafts.register_fake
+def _(drafts, draft_logits, block_logits, cache_seqlens, active, beta):
+    return cache_seqlens.new_empty(cache_seqlens.shape), drafts.new_empty(drafts.shape, dtype=torch.long)
+
+
+def _supports(call: Call) -> bool:
+    return True
+
+
+BACKEND = Backend(
+    name="reference",
+    supports=_supports,
+    attention=lambda q, k, v, layout, block_size, scale: attention_fwd(q, k, v, layout, block_size, scale)[0],
+    cached_attention=torch.ops.tidar.cached_attention_reference.default,
+    accept_drafts=torch.ops.tidar.accept_drafts_reference.default,
+    auto_on_cpu=True,
+)
