@@ -1,0 +1,186 @@
+"""The PyTorch reference ops against SDPA with the dense mask, their cache writes,
+torch.library registration (opcheck, torch.compile) and backend selection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tidar_kernels as tk
+from tidar_kernels import backends
+from tidar_kernels.backends import reference
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+GQA = [pytest.param((4, 4), id="mha"), pytest.param((6, 2), id="gqa3"), pytest.param((8, 1), id="mqa")]
+
+
+def sdpa(q, k, v, allowed, scale=None):
+    """SDPA on [B, T, H, D] with GQA expanded and a dense bool mask [B|1, 1, Tq, Tk], in fp32."""
+    qh = q.float().transpose(1, 2)
+    kh = reference.expand_kv_heads(k, q.shape[2]).float().transpose(1, 2)
+    vh = reference.expand_kv_heads(v, q.shape[2]).float().transpose(1, 2)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale).transpose(1, 2)
+
+
+def tolerance(dtype):
+    # Both sides compute in fp32 from the same low-precision inputs; the output cast adds one rounding.
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+
+
+def qkv(batch, rows, heads, dtype, head_dim=24):
+    q_heads, kv_heads = heads
+    return (torch.randn(batch, rows, q_heads, head_dim, dtype=dtype),
+            torch.randn(batch, rows, kv_heads, head_dim, dtype=dtype),
+            torch.randn(batch, rows, kv_heads, head_dim, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("seq_len,block", [(5, 1), (6, 3), (7, 7)], ids=["S5B1", "S6B3", "S7B7"])
+def test_training_attention_matches_sdpa(dtype, heads, seq_len, block):
+    q, k, v = qkv(2, 2 * seq_len, heads, dtype)
+    out = tk.training_attention(q, k, v, block)
+    expected = sdpa(q, k, v, tk.training_mask(seq_len, block))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", GQA)
+def test_causal_attention_matches_sdpa_is_causal(dtype, heads):
+    q, k, v = qkv(2, 13, heads, dtype)
+    expected = sdpa(q, k, v, tk.causal_mask(13))
+    torch.testing.assert_close(tk.causal_attention(q, k, v).float(), expected, **tolerance(dtype))
+
+
+def make_cache(batch, max_len, kv_heads, head_dim, dtype):
+    k_cache = torch.randn(batch, max_len, kv_heads, head_dim, dtype=dtype)
+    return k_cache, torch.randn_like(k_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("draft_len", [1, 2, 3, 5], ids=lambda k: f"k{k}")
+def test_decode_attention_matches_sdpa_and_writes_only_draft_rows(dtype, heads, draft_len):
+    k_ = draft_len
+    rows = k_ + k_ * k_
+    lengths = [0, 1, 37]
+    q, k_new, v_new = qkv(len(lengths), rows, heads, dtype)
+    k_cache, v_cache = make_cache(len(lengths), 37 + k_ + 3, heads[1], q.shape[-1], dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, draft_len)
+    for b, n in enumerate(lengths):
+        keys = torch.cat([k_before[b, :n], k_new[b]])[None]
+        values = torch.cat([v_before[b, :n], v_new[b]])[None]
+        expected = sdpa(q[b:b + 1], keys, values, tk.decode_mask(n, draft_len))
+        torch.testing.assert_close(out[b:b + 1].float(), expected, **tolerance(dtype))
+        # drafts written at [n, n+k); everything else untouched (mask rows never cached)
+        assert torch.equal(k_cache[b, n:n + k_], k_new[b, :k_]) and torch.equal(v_cache[b, n:n + k_], v_new[b, :k_])
+        assert torch.equal(k_cache[b, :n], k_before[b, :n]) and torch.equal(k_cache[b, n + k_:], k_before[b, n + k_:])
+        assert torch.equal(v_cache[b, n + k_:], v_before[b, n + k_:])
+    assert seqlens.tolist() == lengths  # commit is not this op's job
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_matches_sdpa_with_padded_prompts(dtype):
+    draft_len, padded, prompts, cached = 3, 6, [6, 2, 4], [0, 5, 1]
+    q, k_new, v_new = qkv(3, padded + draft_len, (4, 2), dtype)
+    k_cache, v_cache = make_cache(3, 16, 2, q.shape[-1], dtype)
+    k_before = k_cache.clone()
+    out = tk.prefill_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor(cached, dtype=torch.int32),
+                               torch.tensor(prompts, dtype=torch.int32), draft_len)
+    for b, (length, n) in enumerate(zip(prompts, cached)):
+        # real rows of sequence b: its prompt then its mask block, with the token-rule mask
+        keys = torch.cat([k_before[b, :n], k_new[b, :length], k_new[b, padded:]])[None]
+        values = torch.cat([v_cache[b, :n], v_new[b, :length], v_new[b, padded:]])[None]
+        rows = list(range(length)) + list(range(padded, padded + draft_len))
+        toks = tk.mask.clean_tokens(0, n + length).cat(tk.mask.mask_block_tokens(n + length, draft_len, 0, n + length))
+        allowed = tk.mask.may_attend(tk.mask.Tokens(*(t[n:] for t in (toks.is_mask, toks.pos, toks.block, toks.ctx))),
+                                     toks)
+        expected = sdpa(q[b:b + 1, rows], keys, values, allowed)
+        torch.testing.assert_close(out[b:b + 1, rows].float(), expected, **tolerance(dtype))
+        assert torch.equal(k_cache[b, n:n + padded], k_new[b, :padded])
+        assert torch.equal(k_cache[b, n + padded:], k_before[b, n + padded:])
+
+
+def test_append_attention_matches_causal_over_cache():
+    q, k_new, v_new = qkv(2, 4, (6, 2), torch.float32)
+    k_cache, v_cache = make_cache(2, 12, 2, q.shape[-1], torch.float32)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    lengths = [3, 8]
+    out = tk.append_attention(q, k_new, v_new, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32))
+    for b, n in enumerate(lengths):
+        keys = torch.cat([k_before[b, :n], k_new[b]])[None]
+        values = torch.cat([v_before[b, :n], v_new[b]])[None]
+        allowed = torch.ones(4, n + 4, dtype=torch.bool).tril(diagonal=n)
+        torch.testing.assert_close(out[b:b + 1], sdpa(q[b:b + 1], keys, values, allowed), atol=1e-5, rtol=1e-5)
+        assert torch.equal(k_cache[b, n:n + 4], k_new[b])
+
+
+def test_training_backward_matches_autograd_through_float64_math():
+    q, k, v = (t.requires_grad_() for t in qkv(2, 12, (6, 2), torch.float32))
+    out = tk.training_attention(q, k, v, 3)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected, _ = reference.masked_attention(q64, k64, v64, tk.training_mask(6, 3), q.shape[-1] ** -0.5)
+    expected.backward(grad_out.double())
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_every_reference_op():
+    q, k, v = qkv(2, 8, (4, 2), torch.float32)
+    q.requires_grad_()
+    torch.library.opcheck(torch.ops.tidar.attention_fwd_reference.default, (q, k, v, 1, 2, 0.3))
+    out, lse = torch.ops.tidar.attention_fwd_reference(q, k, v, 1, 2, 0.3)
+    torch.library.opcheck(torch.ops.tidar.attention_bwd_reference.default,
+                          (torch.randn_like(out).detach(), q.detach(), k, v, out.detach(), lse.detach(), 1, 2, 0.3))
+    k_, rows = 2, 6
+    qd, kd, vd = qkv(2, rows, (4, 2), torch.float32)
+    k_cache, v_cache = make_cache(2, 10, 2, qd.shape[-1], torch.float32)
+    seqlens = torch.tensor([0, 5], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.tidar.cached_attention_reference.default,
+                          (qd, kd, vd, k_cache, v_cache, seqlens, None, 3, k_, 0.3))
+    drafts = torch.randint(0, 11, (2, 3))
+    logits = torch.randn(2, 3, 11)
+    torch.library.opcheck(torch.ops.tidar.accept_drafts_reference.default,
+                          (drafts, logits, torch.randn(2, 3, 11), seqlens.clone(), None, 0.5))
+
+
+def test_torch_compile_fullgraph_over_public_ops():
+    q, k, v = qkv(1, 8, (4, 2), torch.float32)
+    compiled_training = torch.compile(lambda a, b, c: tk.training_attention(a, b, c, 2), fullgraph=True)
+    torch.testing.assert_close(compiled_training(q, k, v), tk.training_attention(q, k, v, 2))
+
+    k_, rows = 2, 6
+    qd, kd, vd = qkv(2, rows, (4, 2), torch.float32)
+    k_cache, v_cache = make_cache(2, 10, 2, qd.shape[-1], torch.float32)
+    seqlens = torch.tensor([1, 4], dtype=torch.int32)
+
+    def step(q_, k_new, v_new, k_cache_, v_cache_, lengths):
+        out = tk.decode_attention(q_, k_new, v_new, k_cache_, v_cache_, lengths, k_)
+        accepted, targets = tk.accept_drafts(torch.zeros(2, k_, dtype=torch.long), out[:, :k_, 0, :5],
+                                             out[:, k_::k_, 0, :5], lengths, beta=0.5)
+        return out, accepted, targets
+
+    eager_cache = (k_cache.clone(), v_cache.clone(), seqlens.clone())
+    expected = step(qd, kd, vd, *eager_cache)
+    got = torch.compile(step, fullgraph=True)(qd, kd, vd, k_cache, v_cache, seqlens)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(k_cache, eager_cache[0]) and torch.equal(seqlens, eager_cache[2])
+
+
+def test_backend_selection(monkeypatch):
+    call = backends.Call(backends.CACHED_ATTENTION, torch.device("cpu"), torch.float32, 16, 3)
+    assert backends.select(call, None).name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")  # a preference: falls back when it cannot serve the call
+    assert backends.select(call, None).name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="TIDAR_BACKEND"):
+        backends.select(call, None)
+    monkeypatch.delenv(backends.ENV_VAR)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.select(call, "fast")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        backends.select(call, "cuda")  # strict when named: no CUDA tensors here

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: environment, CUDA compile check
+# (where a toolkit exists), the C++ mask test (CTest) and pytest. CI runs this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+  export TIDAR_BUILD_CUDA="${TIDAR_BUILD_CUDA:-1}" TIDAR_PTXAS_VERBOSE="${TIDAR_PTXAS_VERBOSE:-1}"
+fi
+# shellcheck source=scripts/setup_env.sh
+. scripts/setup_env.sh
+
+if [ "${TIDAR_BUILD_CUDA}" = "1" ]; then
+  python -c "import tidar_kernels._C" || { echo "CUDA extension did not build although a toolkit exists" >&2; exit 1; }
+  echo "CUDA extension built for TIDAR_CUDA_ARCHS=${TIDAR_CUDA_ARCHS:-80;90a}"
+fi
+
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/cmake
+ctest --test-dir build/cmake --output-on-failure
+
+# Triton kernels run on the CPU through the interpreter (fp32/fp16 only there).
+export TRITON_INTERPRET=1
+python -m pytest python_tests -q -p no:cacheprovider --benchmark-columns=min,median,max "$@"

@@ -1,0 +1,93 @@
+"""Build tidar-kernels: the CUDA extension ahead of time when possible, else pure Python.
+
+Environment (all documented in docs/ENVIRONMENT.md):
+  TIDAR_BUILD_CUDA   "1" forces the CUDA build (error if impossible), "0" skips it;
+                     unset: build when a CUDA toolkit and a CUDA-enabled torch exist.
+  TIDAR_CUDA_ARCHS   semicolon list of targets, default "80;90a" (sm_80 and sm_90a).
+  TIDAR_PTXAS_VERBOSE  "1" prints ptxas register/spill reports for every kernel.
+  CUDA_HOME          the toolkit; if unset we take it from the real nvcc (torch's own
+                     guess from a wrapper in /usr/local/bin is wrong on some machines).
+No GPU is needed to build. Install with `pip install --no-build-isolation .` so
+the extension is compiled against the torch you run.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """CUDA_HOME, else the toolkit whose bin/ holds nvcc and include/ cuda_runtime.h."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def want_cuda_build():
+    """(build?, reason) following TIDAR_BUILD_CUDA and what this machine has."""
+    forced = os.environ.get("TIDAR_BUILD_CUDA")
+    if forced == "0":
+        return False, "TIDAR_BUILD_CUDA=0"
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not importable at build time (install torch first, use --no-build-isolation)"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_CUDA=1 but {reason}")
+        return False, reason
+    cuda_home = find_cuda_home()
+    if torch.version.cuda is None or cuda_home is None:
+        reason = "no CUDA-enabled torch" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_CUDA=1 but {reason}")
+        return False, reason
+    os.environ["CUDA_HOME"] = cuda_home
+    return True, f"CUDA toolkit at {cuda_home}, torch CUDA {torch.version.cuda}"
+
+
+def cuda_extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    archs = os.environ.get("TIDAR_CUDA_ARCHS", "80;90a").split(";")
+    gencode = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    if os.environ.get("TIDAR_PTXAS_VERBOSE") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    return CUDAExtension(
+        name="tidar_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+
+
+build_cuda, reason = want_cuda_build()
+ext_modules, cmdclass = [], {}
+if build_cuda:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules = [cuda_extension()]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    print(f"tidar-kernels: building the CUDA extension ({reason})", flush=True)
+else:
+    print(f"tidar-kernels: installing the pure-Python package without the CUDA extension ({reason})", flush=True)
+
+setup(
+    packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
