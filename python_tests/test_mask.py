@@ -144,3 +144,36 @@ def test_committed_cpp_cases_are_current():
     """csrc/tests/mask_cases.txt (read by CTest) must be what mask.py produces today."""
     assert mask_cases.CASES_FILE.read_text() == mask_cases.render(), \
         "run `python python_tests/mask_cases.py` to regenerate the C++ cases"
+
+
+def _can_run_triton():
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _can_run_triton(), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", [
+    (Layout.TRAINING, 12, 6, 3, 0), (Layout.DECODE, 20, 4, 4, 0), (Layout.PREFILL, 9, 6, 3, 4),
+    (Layout.CAUSAL, 7, 7, 1, 0)], ids=["training", "decode", "prefill", "causal"])
+def test_triton_key_ranges_equal_python(case):
+    """The Triton twin of key_ranges, run element-wise over every row, equals the Python rule."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ranges_kernel(out_ptr, num_rows, clean_rows, block_size, context_len,
+                      LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.arange(0, BLOCK)
+        clean_end, block_start, block_end = M.key_ranges_tl(LAYOUT, row, clean_rows, block_size, context_len)
+        keep = row < num_rows
+        tl.store(out_ptr + row * 3, clean_end, mask=keep)
+        tl.store(out_ptr + row * 3 + 1, block_start, mask=keep)
+        tl.store(out_ptr + row * 3 + 2, block_end, mask=keep)
+
+    layout, num_rows, clean_rows, block, context = case
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.zeros(num_rows, 3, dtype=torch.int32, device=device)
+    ranges_kernel[(1,)](out, num_rows, clean_rows, block, context, LAYOUT=int(layout), BLOCK=32)
+    rows_ = torch.arange(num_rows)
+    expected = torch.stack(M.key_ranges(layout, rows_, clean_rows, block, context), dim=1)
+    assert torch.equal(out.cpu().long(), expected)

@@ -30,5 +30,8 @@ if [ -z "${TIDAR_BUILD_CUDA:-}" ]; then
     export TIDAR_BUILD_CUDA=0
   fi
 fi
-python -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "tidar-kernels:|error|Error" || true
+mkdir -p build
+python -m pip install -v --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
+  || { tail -50 build/pip-install.log >&2; exit 1; }
+grep -h "tidar-kernels:" build/pip-install.log | head -1
 python -c "import tidar_kernels" || { echo "tidar_kernels failed to import" >&2; exit 1; }
