@@ -1,0 +1,488 @@
+// Fused TiDAR decode-step attention (Layout::kDecode), flash-decoding style.
+//
+// One step of sequence b feeds T = k + k*k query tokens
+// [d_0..d_{k-1} | block 1 | ... | block k] (TIDAR.md section 4). Every row sees
+// the whole committed cache [0, n_b) plus at most two ranges of the step's own
+// keys, given by tidar::key_ranges (csrc/tidar_mask.h, the mirror of mask.py).
+//
+// Work split
+//   * GQA packing: the G = q_heads / kv_heads query heads that share a KV head
+//     are packed into the rows of one tile, row r = t * G + g (token t, head
+//     kv_head * G + g). A KV head's R = T * G rows are cut into tiles of
+//     kDecodeBlockM = 64 rows; every cached K/V byte is read from HBM once per KV
+//     head (the row tiles of a KV head run side by side and share it through L2).
+//   * Splits: blockIdx.y < num_splits takes one contiguous chunk of the cache
+//     [0, n_b), cut on the device from the n_b it reads (the grid is fixed from
+//     static maxima, so the launch is CUDA-graph safe); blockIdx.y == num_splits
+//     takes the step-local keys (k_new / v_new) with the TiDAR mask and also
+//     writes the drafts' K/V into the cache at [n_b, n_b + k). Cache splits only
+//     read [0, n_b), so nothing races with that write.
+//   * Each CTA writes a normalised fp32 partial output and its log2-sum-exp2;
+//     combine_kernel merges the num_splits + 1 partials of every row (LSE merge).
+//
+// Inside a CTA (4 warps, each owns 16 rows): K/V tiles of 64 keys are streamed
+// through a two-stage cp.async pipeline in shared memory; S = Q K^T and O += P V
+// use mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate) with fragments loaded by
+// ldmatrix; softmax is online in fp32 in the exp2 domain. P is re-used straight
+// from the S accumulators as the A operand of the P V product (the m16n8 C
+// fragment of two adjacent key tiles is the m16k16 A fragment).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+#include "tidar_mask.h"
+
+namespace tidar {
+namespace decode {
+
+constexpr int kBlockM = kDecodeBlockM;
+constexpr int kBlockN = kDecodeBlockN;
+constexpr int kThreads = kDecodeThreads;
+constexpr int kWarps = kThreads / 32;
+static_assert(kBlockM == kWarps * 16, "each warp owns 16 rows");
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------
+
+template <bool kIsBF16>
+struct Element;
+
+template <>
+struct Element<false> {
+  using type = __half;
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static type from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Element<true> {
+  using type = __nv_bfloat16;
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static type from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// ---------------------------------------------------------------------------
+// PTX wrappers (sm_80+: cp.async, ldmatrix, mma.sync)
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; src_bytes = 0 zero-fills the destination (rows past the end).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// D = A * B + D, A 16x16 (row), B 16x8 (col), fp32 accumulators.
+template <bool kIsBF16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kIsBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Shared-memory tiles: rows of kHeadDim elements padded by 16 bytes so the 8
+// row addresses of an ldmatrix fall in 8 different 16-byte bank groups.
+// ---------------------------------------------------------------------------
+
+template <int kHeadDim>
+struct Smem {
+  static constexpr int kPitch = kHeadDim + 8;                     // elements per smem row
+  static constexpr int kTileElems = kBlockN * kPitch;             // one K or V stage
+  static constexpr int kQElems = kBlockM * kPitch;
+  static constexpr int kBytes = (kQElems + 4 * kTileElems) * 2;   // Q + 2 stages of K and V
+  static constexpr int kChunksPerRow = kHeadDim / 8;              // 16-byte chunks
+};
+
+// Copy a tile of kBlockN rows (row i at base + (first + i) * row_stride) into
+// shared memory; rows at or past `end` are zero-filled (V rows must be finite:
+// their probability is 0 but 0 * NaN is not).
+template <int kHeadDim, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int first, int end) {
+  using S = Smem<kHeadDim>;
+  constexpr int kChunks = kBlockN * S::kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "whole chunks per thread");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int chunk = threadIdx.x + i * kThreads;
+    const int row = chunk / S::kChunksPerRow;
+    const int col = (chunk % S::kChunksPerRow) * 8;
+    const bool valid = first + row < end;
+    const T* src = valid ? base + (first + row) * row_stride + col : base;
+    cp_async_16(smem_addr(smem + row * S::kPitch + col), src, valid ? 16 : 0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The attention kernel
+// ---------------------------------------------------------------------------
+
+template <bool kIsBF16, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
+  using T = typename Element<kIsBF16>::type;
+  using S = Smem<kHeadDim>;
+  constexpr int kDTiles = kHeadDim / 8;    // n8 tiles of the output
+  constexpr int kDChunks = kHeadDim / 16;  // k16 chunks of Q K^T
+  constexpr int kNTiles = kBlockN / 8;     // n8 tiles of the scores
+  constexpr float kNegInf = -__builtin_huge_valf();
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_smem = reinterpret_cast<T*>(smem_raw);
+  T* k_smem = q_smem + S::kQElems;             // [2 stages][kBlockN][kPitch]
+  T* v_smem = k_smem + 2 * S::kTileElems;
+
+  const int group = p.q_heads / p.kv_heads;
+  const int rows = p.steps * group;            // R: packed rows of this KV head
+  const int row0 = blockIdx.x * kBlockM;
+  const int split = blockIdx.y;
+  const bool local = split == p.num_splits;    // the step-local split
+  const int b = blockIdx.z / p.kv_heads;
+  const int kv_head = blockIdx.z % p.kv_heads;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad_row = lane / 4;               // row inside the m16 fragment (and +8)
+  const int quad_col = (lane % 4) * 2;         // column pair inside an n8 fragment
+
+  int n = p.cache_seqlens[b];
+  n = n < 0 ? 0 : (n > p.max_len ? p.max_len : n);
+
+  // Keys of this split: the local split walks the step's own keys [0, T) in
+  // tiles of kBlockN, skipping tiles no row of this CTA sees; a cache split
+  // walks its chunk of [0, n).
+  const LayoutParams layout{Layout::kDecode, p.draft_len, p.draft_len, 0};
+  const int tok_lo = row0 / group;
+  const int tok_hi = min((min(row0 + kBlockM, rows) - 1) / group + 1, p.steps);
+  int key_lo, key_hi;
+  if (local) {
+    key_lo = 0;
+    key_hi = p.steps;
+  } else {
+    const int per_split = (n + p.num_splits - 1) / p.num_splits;
+    const int chunk = (per_split + kBlockN - 1) / kBlockN * kBlockN;
+    key_lo = min(split * chunk, n);
+    key_hi = min(key_lo + chunk, n);
+  }
+  // Tiles the local split skips: exact classification from the shared mask rule.
+  auto tile_kind = [&](int first) -> TileKind {
+    if (!local) return first + kBlockN <= key_hi ? TileKind::kFull : TileKind::kPartial;
+    const TileKind kind = classify_tile(layout, tok_lo, tok_hi, first, min(first + kBlockN, key_hi));
+    return (kind == TileKind::kFull && first + kBlockN > key_hi) ? TileKind::kPartial : kind;
+  };
+  auto next_tile = [&](int first) {  // first tile start >= `first` with work, or key_hi
+    while (first < key_hi && tile_kind(first) == TileKind::kEmpty) first += kBlockN;
+    return first;
+  };
+
+  const int64_t part_rows = static_cast<int64_t>(p.batch) * p.steps * p.q_heads;  // rows per split
+  auto part_row = [&](int r) {  // index of packed row r in the partial buffers
+    const int t = r / group;
+    const int head = kv_head * group + r % group;
+    return static_cast<int64_t>(split) * part_rows + (static_cast<int64_t>(b) * p.steps + t) * p.q_heads + head;
+  };
+
+  int tile = next_tile(key_lo);
+  if (tile >= key_hi) {
+    // Nothing to attend to in this split (n = 0, or a chunk past n): weight 0 in the merge.
+    for (int r = row0 + threadIdx.x; r < min(row0 + kBlockM, rows); r += kThreads)
+      p.lse_partial[part_row(r)] = kNegInf;
+    return;
+  }
+
+  // ---- the local split of the first row tile commits the drafts' K/V to [n, n + k) ----
+  if (local && blockIdx.x == 0) {
+    const T* kn = static_cast<const T*>(p.k_new) + b * p.knew_stride[0] + kv_head * p.knew_stride[2];
+    const T* vn = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
+    T* kc = static_cast<T*>(p.k_cache) + b * p.kcache_stride[0] + kv_head * p.kcache_stride[2];
+    T* vc = static_cast<T*>(p.v_cache) + b * p.vcache_stride[0] + kv_head * p.vcache_stride[2];
+    const int writable = min(p.draft_len, p.max_len - n);  // never past max_len
+    for (int c = threadIdx.x; c < writable * S::kChunksPerRow; c += kThreads) {
+      const int i = c / S::kChunksPerRow;
+      const int col = (c % S::kChunksPerRow) * 8;
+      *reinterpret_cast<uint4*>(kc + (n + i) * p.kcache_stride[1] + col) =
+          *reinterpret_cast<const uint4*>(kn + i * p.knew_stride[1] + col);
+      *reinterpret_cast<uint4*>(vc + (n + i) * p.vcache_stride[1] + col) =
+          *reinterpret_cast<const uint4*>(vn + i * p.vnew_stride[1] + col);
+    }
+  }
+
+  // ---- Q tile: packed row r -> token r / G, head kv_head * G + r % G; rows past R zero ----
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0];
+    constexpr int kChunks = kBlockM * S::kChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int chunk = threadIdx.x + i * kThreads;
+      const int row = chunk / S::kChunksPerRow;
+      const int col = (chunk % S::kChunksPerRow) * 8;
+      const int r = row0 + row;
+      const bool valid = r < rows;
+      const T* src = valid ? q + (r / group) * p.q_stride[1] + (kv_head * group + r % group) * p.q_stride[2] + col : q;
+      cp_async_16(smem_addr(q_smem + row * S::kPitch + col), src, valid ? 16 : 0);
+    }
+  }
+  cp_async_commit();
+
+  // K/V source of this split
+  const T* k_src;
+  const T* v_src;
+  int64_t k_row_stride, v_row_stride;
+  if (local) {
+    k_src = static_cast<const T*>(p.k_new) + b * p.knew_stride[0] + kv_head * p.knew_stride[2];
+    v_src = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
+    k_row_stride = p.knew_stride[1];
+    v_row_stride = p.vnew_stride[1];
+  } else {
+    k_src = static_cast<const T*>(p.k_cache) + b * p.kcache_stride[0] + kv_head * p.kcache_stride[2];
+    v_src = static_cast<const T*>(p.v_cache) + b * p.vcache_stride[0] + kv_head * p.vcache_stride[2];
+    k_row_stride = p.kcache_stride[1];
+    v_row_stride = p.vcache_stride[1];
+  }
+
+  load_tile<kHeadDim>(k_smem, k_src, k_row_stride, tile, key_hi);
+  load_tile<kHeadDim>(v_smem, v_src, v_row_stride, tile, key_hi);
+  cp_async_commit();
+
+  // Q fragments stay in registers for the whole key loop.
+  cp_async_wait<1>();  // the Q group is complete
+  __syncthreads();
+  uint32_t q_frag[kDChunks][4];
+#pragma unroll
+  for (int kc = 0; kc < kDChunks; ++kc)
+    ldmatrix_x4(q_frag[kc], smem_addr(q_smem + (warp * 16 + lane % 16) * S::kPitch + kc * 16 + (lane / 16) * 8));
+
+  // This thread's two rows (quad_row and quad_row + 8 of the warp's 16) and,
+  // for the local split, their visible key ranges.
+  KeyRanges ranges[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = row0 + warp * 16 + quad_row + 8 * h;
+    ranges[h] = key_ranges(layout, min(r, rows - 1) / group);
+  }
+
+  float o_acc[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+  float row_max[2] = {kNegInf, kNegInf};  // running max of scaled scores (log2 domain)
+  float row_sum[2] = {0.f, 0.f};          // this thread's share of the running sum
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int stage = 0; tile < key_hi; stage ^= 1) {
+    // Prefetch the next tile with work into the other stage while this one is used.
+    const int next = next_tile(tile + kBlockN);
+    if (next < key_hi) {
+      load_tile<kHeadDim>(k_smem + (stage ^ 1) * S::kTileElems, k_src, k_row_stride, next, key_hi);
+      load_tile<kHeadDim>(v_smem + (stage ^ 1) * S::kTileElems, v_src, v_row_stride, next, key_hi);
+    }
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    cp_async_wait<1>();  // this stage has landed
+    __syncthreads();
+
+    const T* ks = k_smem + stage * S::kTileElems;
+    const T* vs = v_smem + stage * S::kTileElems;
+
+    // ---- S = Q K^T for the warp's 16 rows x kBlockN keys ----
+    float s[kNTiles][4];
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < kDChunks; ++kc) {
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        // matrices: keys [np*16, +8) x d [kc*16, +8), same keys x d +8, keys +8 x d, keys +8 x d +8
+        uint32_t kb[4];
+        const int key = np * 16 + (lane / 16) * 8 + lane % 8;
+        const int d = kc * 16 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4(kb, smem_addr(ks + key * S::kPitch + d));
+        mma_16816<kIsBF16>(s[2 * np], q_frag[kc], kb[0], kb[1]);
+        mma_16816<kIsBF16>(s[2 * np + 1], q_frag[kc], kb[2], kb[3]);
+      }
+    }
+
+    // ---- mask, then online softmax (exp2 domain) ----
+    const TileKind kind = tile_kind(tile);
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = tile + j * 8 + quad_col + (e & 1);
+        bool visible = true;
+        if (kind != TileKind::kFull) visible = col < key_hi && (!local || row_sees(ranges[e >> 1], col));
+        s[j][e] = visible ? s[j][e] * scale_log2 : kNegInf;
+      }
+    }
+    float scale_old[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 threads of a quad share a row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row that has seen no key yet keeps max -inf: subtract 0 instead (no inf - inf).
+      const float base = mx == kNegInf ? 0.f : mx;
+      scale_old[h] = exp2f(row_max[h] - base);
+      row_max[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        s[j][2 * h] = exp2f(s[j][2 * h] - base);
+        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - base);
+        sum += s[j][2 * h] + s[j][2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * scale_old[h] + sum;
+    }
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) {
+      o_acc[i][0] *= scale_old[0];
+      o_acc[i][1] *= scale_old[0];
+      o_acc[i][2] *= scale_old[1];
+      o_acc[i][3] *= scale_old[1];
+    }
+
+    // ---- O += P V: P from the score accumulators, V^T fragments by ldmatrix.trans ----
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t pa[4] = {
+          Element<kIsBF16>::pack(s[2 * kk][0], s[2 * kk][1]), Element<kIsBF16>::pack(s[2 * kk][2], s[2 * kk][3]),
+          Element<kIsBF16>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+          Element<kIsBF16>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        // matrices: keys [kk*16, +8) x d [dp*16, +8), keys +8 x d, keys x d +8, keys +8 x d +8
+        uint32_t vb[4];
+        const int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+        const int d = dp * 16 + (lane / 16) * 8;
+        ldmatrix_x4_trans(vb, smem_addr(vs + key * S::kPitch + d));
+        mma_16816<kIsBF16>(o_acc[2 * dp], pa, vb[0], vb[1]);
+        mma_16816<kIsBF16>(o_acc[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+
+    __syncthreads();  // every warp is done with this stage before it is refilled
+    tile = next;
+  }
+
+  // ---- normalise and write the partial output and its log2-sum-exp2 ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int r = row0 + warp * 16 + quad_row + 8 * h;
+    if (r >= rows) continue;
+    const int64_t idx = part_row(r);
+    if (sum == 0.f) {  // no visible key in this split (cannot happen for a real row locally)
+      if (lane % 4 == 0) p.lse_partial[idx] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / sum;
+    float* out = p.out_partial + idx * kHeadDim;
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i)
+      *reinterpret_cast<float2*>(out + i * 8 + quad_col) = make_float2(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv);
+    if (lane % 4 == 0) p.lse_partial[idx] = row_max[h] + __log2f(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// LSE merge of the num_splits + 1 partials of every (b, t, q_head) row: one warp per row
+// ---------------------------------------------------------------------------
+
+template <bool kIsBF16, int kHeadDim>
+__global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
+  using T = typename Element<kIsBF16>::type;
+  constexpr int kPerLane = kHeadDim / 32;  // 2 or 4 contiguous dims per lane
+  constexpr float kNegInf = -__builtin_huge_valf();
+  const int64_t part_rows = static_cast<int64_t>(p.batch) * p.steps * p.q_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (row >= part_rows) return;
+  const int lane = threadIdx.x % 32;
+  const int splits = p.num_splits + 1;
+
+  float lse_max = kNegInf;
+  for (int s = 0; s < splits; ++s) lse_max = fmaxf(lse_max, p.lse_partial[s * part_rows + row]);
+  float acc[kPerLane] = {};
+  float weight_sum = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float lse = p.lse_partial[s * part_rows + row];
+    if (lse == kNegInf) continue;  // empty split: its partial output was never written
+    const float w = exp2f(lse - lse_max);
+    weight_sum += w;
+    const float* src = p.out_partial + (s * part_rows + row) * kHeadDim + lane * kPerLane;
+    if constexpr (kPerLane == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src);
+      acc[0] += w * v.x, acc[1] += w * v.y, acc[2] += w * v.z, acc[3] += w * v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(src);
+      acc[0] += w * v.x, acc[1] += w * v.y;
+    }
+  }
+  // The local split always sees d_0, so weight_sum > 0 for every row.
+  const float inv = 1.f / weight_sum;
+  T* dst = static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) dst[i] = Element<kIsBF16>::from_float(acc[i] * inv);
+}
+
+template <bool kIsBF16, int kHeadDim>
+void launch(const DecodeParams& p, cudaStream_t stream) {
+  const int rows = p.steps * (p.q_heads / p.kv_heads);
+  const dim3 grid((rows + kBlockM - 1) / kBlockM, p.num_splits + 1, p.batch * p.kv_heads);
+  constexpr int kSmem = Smem<kHeadDim>::kBytes;
+  auto kernel = decode_attention_kernel<kIsBF16, kHeadDim>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  const int64_t part_rows = static_cast<int64_t>(p.batch) * p.steps * p.q_heads;
+  combine_kernel<kIsBF16, kHeadDim><<<static_cast<unsigned>((part_rows + 3) / 4), 128, 0, stream>>>(p);
+}
+
+}  // namespace decode
+
+#define TIDAR_INSTANTIATE_DECODE_ATTENTION(IS_BF16, HEAD_DIM)                              \
+  template <>                                                                               \
+  void run_decode_attention<IS_BF16, HEAD_DIM>(const DecodeParams& p, cudaStream_t stream) { \
+    decode::launch<IS_BF16, HEAD_DIM>(p, stream);                                           \
+  }
+
+}  // namespace tidar

@@ -1,0 +1,97 @@
+// Host-side interface of the hand-written CUDA kernels.
+//
+// Plain C++ (only the CUDA runtime types): included by the kernel files
+// (decode_attention_*.cu, accept_drafts.cu) and by bindings.cpp, the one file
+// that sees torch. Pointers are raw, strides are in elements, and every
+// length the kernels need at run time is read from device memory, so a launch
+// is the same on every step and can be captured in a CUDA graph.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace tidar {
+
+// ---------------------------------------------------------------------------
+// Decode-step attention (Layout::kDecode)
+// ---------------------------------------------------------------------------
+
+// Tiling shared by the kernels and the host planner.
+constexpr int kDecodeBlockM = 64;   // query rows per CTA (4 warps x 16 rows)
+constexpr int kDecodeBlockN = 64;   // keys per pipeline stage
+constexpr int kDecodeThreads = 128;
+
+struct DecodeParams {
+  // q [batch, steps, q_heads, head_dim]; k_new / v_new [batch, steps, kv_heads, head_dim];
+  // k_cache / v_cache [batch, max_len, kv_heads, head_dim]; the last dim is contiguous.
+  const void* q;
+  const void* k_new;
+  const void* v_new;
+  void* k_cache;
+  void* v_cache;
+  const int32_t* cache_seqlens;  // [batch], committed lengths n_b (device)
+  void* out;                     // [batch, steps, q_heads, head_dim], contiguous
+  // Workspace, fp32: partial outputs [num_splits + 1, batch, steps, q_heads, head_dim]
+  // and their log2-sum-exp2 [num_splits + 1, batch, steps, q_heads].
+  float* out_partial;
+  float* lse_partial;
+  int64_t q_stride[3];      // batch, step, head
+  int64_t knew_stride[3];
+  int64_t vnew_stride[3];
+  int64_t kcache_stride[3];
+  int64_t vcache_stride[3];
+  int batch;
+  int steps;       // k + k*k
+  int draft_len;   // k
+  int q_heads;
+  int kv_heads;
+  int max_len;
+  int num_splits;  // cache splits; one more split holds the step-local keys
+  float scale;     // softmax scale (natural-log domain)
+};
+
+// Grid plan from static sizes only (CUDA-graph safe): number of cache splits.
+int decode_num_splits(int batch, int steps, int q_heads, int kv_heads, int max_len, int num_sms);
+
+// One instantiation per (dtype, head_dim), each in its own .cu file.
+template <bool kIsBF16, int kHeadDim>
+void run_decode_attention(const DecodeParams& params, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Accept drafts and commit (TIDAR.md section 5, greedy)
+// ---------------------------------------------------------------------------
+
+enum class LogitsType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+struct AcceptParams {
+  const int64_t* drafts;      // [batch, k], contiguous
+  const void* draft_logits;   // [batch, k, vocab], last dim contiguous
+  const void* block_logits;   // same shape and dtype as draft_logits
+  int64_t draft_stride[2];    // batch, row (elements)
+  int64_t block_stride[2];
+  int32_t* cache_seqlens;     // [batch], advanced in place by the accepted count
+  const bool* active;         // [batch] or nullptr (all active)
+  int32_t* accepted;          // [batch] out
+  int64_t* targets;           // [batch, k] out, contiguous
+  float* partial_value;       // workspace [batch * k, num_chunks]
+  int32_t* partial_index;     // workspace [batch * k, num_chunks]
+  int batch;
+  int draft_len;
+  int vocab;
+  int num_chunks;  // vocabulary chunks per row (one CTA each)
+  int chunk;       // elements per chunk
+  float beta;
+  float one_minus_beta;  // rounded once on the host, like the reference's Python scalar
+  LogitsType dtype;
+};
+
+// Vocabulary split from static sizes: sets num_chunks and chunk.
+void accept_drafts_plan(AcceptParams& params, int num_sms);
+
+void run_accept_drafts(const AcceptParams& params, cudaStream_t stream);
+
+// Architectures this extension was compiled for (e.g. "sm_80;sm_90a").
+const char* compiled_archs();
+
+}  // namespace tidar

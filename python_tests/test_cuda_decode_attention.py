@@ -1,0 +1,294 @@
+"""The CUDA backend's fused decode step (``tidar::cached_attention_cuda``, Layout.DECODE).
+
+CPU: the extension was built, loads, registers its ops, and its fake kernels give
+the right shapes. GPU (marked, skipped without CUDA): outputs against the reference
+under the tolerance rule of tidar_kernels/testing.py on odd shapes (n = 0, k = 1..16,
+GQA 1/2/4/6, lengths differing per sequence, caches filled up to max_len), the
+cache written at [n, n+k) and byte-identical elsewhere, CUDA-graph replay over
+many steps together with the commit op, opcheck, and bad input raising before
+any write.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import tidar_kernels as tk
+from tidar_kernels import backends
+from tidar_kernels.backends import Call, reference
+from tidar_kernels.mask import Layout
+from tidar_kernels.testing import assert_close_by_rule
+
+DECODE = int(Layout.DECODE)
+
+
+def _toolkit_present() -> bool:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+needs_extension_build = pytest.mark.skipif(
+    os.environ.get("TIDAR_BUILD_CUDA") == "0" or torch.version.cuda is None or not _toolkit_present(),
+    reason="the CUDA extension is not built here (TIDAR_BUILD_CUDA=0, CPU-only torch or no CUDA toolkit)")
+
+
+# ================================================================================================
+# CPU: the extension is built and registered
+# ================================================================================================
+
+@needs_extension_build
+def test_extension_imports_and_registers_ops():
+    import tidar_kernels._C as ext
+
+    archs = ext.compiled_archs()
+    assert "80" in archs and "90" in archs, archs
+    assert hasattr(torch.ops.tidar, "cached_attention_cuda")
+    assert hasattr(torch.ops.tidar, "accept_drafts_cuda")
+    assert backends.load("cuda") is not None
+    assert "cuda" in tk.available_backends()
+
+
+@needs_extension_build
+def test_cuda_backend_declines_what_it_does_not_implement():
+    cuda = backends.load("cuda")
+    gpu = torch.device("cuda", 0)
+    call = Call(backends.CACHED_ATTENTION, gpu, torch.bfloat16, 128, DECODE)
+    assert not cuda.supports(call._replace(device=torch.device("cpu")))
+    assert not cuda.supports(call._replace(dtype=torch.float32))
+    assert not cuda.supports(call._replace(head_dim=96))
+    for layout in (Layout.CAUSAL, Layout.TRAINING, Layout.PREFILL):
+        assert not cuda.supports(call._replace(layout=int(layout)))
+    accept = Call(backends.ACCEPT_DRAFTS, gpu, torch.float32, 0, DECODE)
+    assert not cuda.supports(accept._replace(dtype=torch.float64))
+    assert not cuda.supports(accept._replace(device=torch.device("cpu")))
+    # On the CPU automatic selection never picks it.
+    assert backends.select(call._replace(device=torch.device("cpu")), None).name == "reference"
+
+
+@needs_extension_build
+def test_fake_kernels_give_output_shapes():
+    import tidar_kernels.backends.cuda_ops  # noqa: F401  (registers the fake kernels)
+
+    meta = dict(device="meta")
+    k, batch, q_heads, kv_heads, dim, max_len = 3, 2, 8, 2, 64, 40
+    steps = k + k * k
+    q = torch.empty(batch, steps, q_heads, dim, dtype=torch.float16, **meta)
+    kv = torch.empty(batch, steps, kv_heads, dim, dtype=torch.float16, **meta)
+    cache = torch.empty(batch, max_len, kv_heads, dim, dtype=torch.float16, **meta)
+    lengths = torch.empty(batch, dtype=torch.int32, **meta)
+    out = torch.ops.tidar.cached_attention_cuda(q, kv, kv, cache, cache.clone(), lengths, None, DECODE, k, 0.125)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    drafts = torch.empty(batch, k, dtype=torch.long, **meta)
+    logits = torch.empty(batch, k, 100, dtype=torch.bfloat16, **meta)
+    accepted, targets = torch.ops.tidar.accept_drafts_cuda(drafts, logits, logits, lengths, None, 0.5)
+    assert accepted.shape == (batch,) and accepted.dtype == torch.int32
+    assert targets.shape == (batch, k) and targets.dtype == torch.int64
+
+
+# ================================================================================================
+# GPU
+# ================================================================================================
+
+def _op():
+    pytest.importorskip("tidar_kernels._C", reason="CUDA extension not built")
+    return torch.ops.tidar.cached_attention_cuda.default
+
+
+def make_step(batch, k, heads, head_dim, max_len, lengths, dtype, seed=0):
+    """Random step inputs; the whole cache (also past n) holds random values the kernel must not read."""
+    q_heads, kv_heads = heads
+    steps = k + k * k
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    q, k_new, v_new = randn(batch, steps, q_heads, head_dim), randn(batch, steps, kv_heads, head_dim), \
+        randn(batch, steps, kv_heads, head_dim)
+    k_cache, v_cache = randn(batch, max_len, kv_heads, head_dim), randn(batch, max_len, kv_heads, head_dim)
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    return q, k_new, v_new, k_cache, v_cache, cache_seqlens
+
+
+def references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale):
+    """(fp64 output, the same math by PyTorch in q's dtype) from the reference's mask and math."""
+    steps, max_len = q.shape[1], k_cache.shape[1]
+    allowed = reference.cached_mask(Layout.DECODE, cache_seqlens, max_len, steps, k, k, None)
+    keys = torch.cat([k_cache, k_new], dim=1)
+    values = torch.cat([v_cache, v_new], dim=1)
+    hi, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=torch.float64)
+    lo, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=q.dtype)
+    return hi, lo
+
+
+def check_step(op, q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale=None):
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    hi, lo = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, DECODE, k, scale)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert_close_by_rule(out, hi, lo, name="decode attention output")
+    check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k)
+
+
+def check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k):
+    """Rows [n, n+k) hold the drafts' K/V; every other byte is unchanged."""
+    want_k, want_v = k_before.clone(), v_before.clone()
+    for b, n in enumerate(cache_seqlens.tolist()):
+        want_k[b, n:n + k] = k_new[b, :k]
+        want_v[b, n:n + k] = v_new[b, :k]
+    bits = torch.int16
+    assert torch.equal(k_cache.view(bits), want_k.view(bits)), "k_cache differs outside or inside [n, n+k)"
+    assert torch.equal(v_cache.view(bits), want_v.view(bits)), "v_cache differs outside or inside [n, n+k)"
+
+
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+HEAD_DIMS = [pytest.param(64, id="d64"), pytest.param(128, id="d128")]
+# (k, (q_heads, kv_heads), lengths per sequence, max_len)
+SHAPES = [
+    pytest.param(1, (4, 4), [0, 5], 16, id="k1-mha-n0"),
+    pytest.param(2, (8, 4), [17, 0, 63], 80, id="k2-gqa2-3seqs"),
+    pytest.param(3, (12, 2), [100, 1], 110, id="k3-gqa6"),
+    pytest.param(4, (8, 2), [257, 64, 3], 300, id="k4-gqa4"),
+    pytest.param(8, (6, 1), [504], 512, id="k8-mqa6-full"),
+    pytest.param(16, (4, 1), [1000, 33], 1040, id="k16-gqa4"),
+    pytest.param(16, (2, 2), [0, 48], 64, id="k16-mha-full-and-empty"),
+    pytest.param(4, (8, 2), [8000], 8192, id="k4-long-many-splits"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("k,heads,lengths,max_len", SHAPES)
+def test_matches_reference(dtype, head_dim, k, heads, lengths, max_len):
+    op = _op()
+    step = make_step(len(lengths), k, heads, head_dim, max_len, lengths, dtype, seed=k * 31 + head_dim)
+    check_step(op, *step, k)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_supports_decode_on_this_gpu():
+    _op()
+    cuda = backends.load("cuda")
+    call = Call(backends.CACHED_ATTENTION, torch.device("cuda"), torch.bfloat16, 128, DECODE)
+    major, _ = torch.cuda.get_device_capability()
+    if major not in (8, 9):
+        pytest.skip("the extension ships sm_80 and sm_90a kernels only")
+    assert cuda.supports(call) and cuda.supports(call._replace(dtype=torch.float16, head_dim=64))
+    assert cuda.supports(Call(backends.ACCEPT_DRAFTS, torch.device("cuda"), torch.float32, 0, DECODE))
+    assert backends.select(call, None).name == "cuda"
+
+
+@pytest.mark.gpu
+def test_strided_inputs_and_custom_scale():
+    """q/k/v as slices of one fused projection, a cache with spare heads: strides != shapes."""
+    op = _op()
+    batch, k, q_heads, kv_heads, dim, max_len = 2, 4, 8, 2, 128, 200
+    steps = k + k * k
+    fused = torch.randn(batch, steps, q_heads + 2 * kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k_new, v_new = fused.split([q_heads, kv_heads, kv_heads], dim=2)
+    wide = torch.randn(2, batch, max_len, kv_heads + 1, dim, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = wide[0, :, :, :kv_heads], wide[1, :, :, 1:]
+    lengths = torch.tensor([150, 7], dtype=torch.int32, device="cuda")
+    check_step(op, q, k_new, v_new, k_cache, v_cache, lengths, k, scale=0.05)
+
+
+@pytest.mark.gpu
+def test_public_api_uses_cuda_backend():
+    _op()
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 3, (8, 2), 64, 50, [20, 30], torch.float16)
+    hi, lo = references(q, k_new, v_new, k_cache, v_cache, lengths, 3, 64 ** -0.5)
+    out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, 3, backend="cuda")
+    assert_close_by_rule(out, hi, lo)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_commit_over_many_steps():
+    """One captured step (attention + accept) replayed 20 times: lengths advance on the device."""
+    _op()
+    batch, k, heads, dim, vocab, max_len = 3, 4, (8, 2), 128, 512, 160
+    dtype = torch.bfloat16
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(batch, k, heads, dim, max_len, [0, 9, 40], dtype)
+    draft_logits = torch.randn(batch, k, vocab, device="cuda", dtype=dtype)
+    block_logits = torch.randn_like(draft_logits)
+    drafts = torch.zeros(batch, k, dtype=torch.long, device="cuda")
+    inputs = (q, k_new, v_new, draft_logits, block_logits, drafts)
+
+    def step():
+        out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, k, backend="cuda",
+                                  check_lengths=False)
+        accepted, targets = tk.accept_drafts(drafts, draft_logits, block_logits, lengths, beta=0.5,
+                                             backend="cuda")
+        return out, accepted, targets
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on copies, so the real state starts clean
+        saved = [t.clone() for t in (k_cache, v_cache, lengths)]
+        step()
+        for dst, src in zip((k_cache, v_cache, lengths), saved):
+            dst.copy_(src)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, accepted, targets = step()
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for it in range(20):
+        for t in inputs[:5]:
+            t.copy_(torch.randn(t.shape, generator=gen, device="cuda").to(t.dtype))
+        mixed = (0.5 * draft_logits.float() + 0.5 * block_logits.float()).argmax(-1)
+        drafts.copy_(torch.randint(0, vocab, drafts.shape, generator=gen, device="cuda"))
+        drafts[:, 1:k - 1] = mixed[:, :k - 2]  # accept about k - 1 drafts
+        hi, lo = references(q, k_new, v_new, k_cache, v_cache, lengths, k, dim ** -0.5)
+        k_before, v_before, n_before = k_cache.clone(), v_cache.clone(), lengths.clone()
+        want_acc, want_targets = reference.accept_drafts(drafts, draft_logits, block_logits,
+                                                         n_before.clone(), None, 0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_by_rule(out, hi, lo, name=f"step {it} output")
+        check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, n_before, k)
+        assert torch.equal(accepted, want_acc) and torch.equal(targets, want_targets), f"step {it}"
+        assert torch.equal(lengths, n_before + want_acc), f"step {it}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    op = _op()
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 2, (4, 2), 64, 40, [3, 30], dtype)
+    torch.library.opcheck(op, (q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, 2, 0.125))
+
+
+@pytest.mark.gpu
+def test_bad_input_raises_before_any_write():
+    op = _op()
+    k = 2
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, k, (4, 2), 64, 40, [3, 30], torch.float16)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    args = [q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, k, 0.125]
+
+    def call(index, value, match):
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            op(*bad)
+
+    call(7, int(Layout.PREFILL), "layout must be 3")
+    call(6, lengths, "context_lens must be None")
+    call(8, 3, r"q.shape\[1\] must be k \+ k\*k")
+    call(0, q.float(), "q must be float16 or bfloat16")
+    call(1, k_new.bfloat16(), "k_new must have q's dtype")
+    call(5, lengths.long(), "cache_seqlens must be a contiguous int32")
+    call(3, k_cache[:, :, :1], "k_cache must be")
+    call(2, v_new.cpu(), "v_new must be a CUDA tensor")
+    odd = torch.randn(2, k + k * k, 4, 96, device="cuda", dtype=torch.float16)
+    bad = [odd, odd[:, :, :2], odd[:, :, :2], torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16),
+           torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16), lengths, None, DECODE, k, 0.125]
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        op(*bad)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)

@@ -1,0 +1,67 @@
+"""The ``cuda`` backend: hand-written CUDA kernels from the ``tidar_kernels._C`` extension.
+
+Importing ``tidar_kernels._C`` registers the ops ``tidar::cached_attention_cuda``
+(the fused decode step, :data:`~tidar_kernels.mask.Layout.DECODE` only) and
+``tidar::accept_drafts_cuda`` (greedy accept and in-place commit) with their
+schemas and CUDA kernels (``csrc/bindings.cpp``). This module adds their fake
+implementations (shapes only, for torch.compile and opcheck) and says which calls
+the kernels support. When the extension was not built the import fails with
+ImportError and the registry treats the backend as unavailable.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _C  # noqa: F401  (ImportError without the extension: backend unavailable)
+from ..mask import Layout
+from . import ACCEPT_DRAFTS, CACHED_ATTENTION, Backend, Call
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (64, 128)
+
+
+@torch.library.register_fake("tidar::cached_attention_cuda")
+def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale):
+    return q.new_empty(q.shape)  # contiguous, like the kernel's output
+
+
+@torch.library.register_fake("tidar::accept_drafts_cuda")
+def _(drafts, draft_logits, block_logits, cache_seqlens, active, beta):
+    return cache_seqlens.new_empty(cache_seqlens.shape), drafts.new_empty(drafts.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernels_for(device_index: int) -> bool:
+    """The extension ships sm_80 (runs on every 8.x GPU) and sm_90a machine code, no PTX."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major == 8 or (major, minor) == (9, 0)
+
+
+def _supports(call: Call) -> bool:
+    if call.device.type != "cuda":
+        return False
+    if call.op == CACHED_ATTENTION:
+        ok = (call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS
+              and call.layout == int(Layout.DECODE))
+    elif call.op == ACCEPT_DRAFTS:
+        ok = call.dtype in LOGITS_DTYPES
+    else:
+        ok = False
+    index = call.device.index if call.device.index is not None else torch.cuda.current_device()
+    return ok and _has_kernels_for(index)
+
+
+def compiled_archs() -> str:
+    """Compute capabilities the extension was built for, as nvcc lists them (e.g. ``"800,900"``)."""
+    return _C.compiled_archs()
+
+
+BACKEND = Backend(
+    name="cuda",
+    supports=_supports,
+    cached_attention=torch.ops.tidar.cached_attention_cuda.default,
+    accept_drafts=torch.ops.tidar.accept_drafts_cuda.default,
+)
