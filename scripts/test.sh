@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
-  export TIDAR_BUILD_CUDA="${TIDAR_BUILD_CUDA:-1}" TIDAR_PTXAS_VERBOSE="${TIDAR_PTXAS_VERBOSE:-1}"
+  export TIDAR_BUILD_CUDA="${TIDAR_BUILD_CUDA:-1}"
 fi
 # shellcheck source=scripts/setup_env.sh
 . scripts/setup_env.sh
@@ -14,6 +14,7 @@ fi
 if [ "${TIDAR_BUILD_CUDA}" = "1" ]; then
   python -c "import tidar_kernels._C" || { echo "CUDA extension did not build although a toolkit exists" >&2; exit 1; }
   echo "CUDA extension built for TIDAR_CUDA_ARCHS=${TIDAR_CUDA_ARCHS:-80;90a}"
+  bash scripts/ptxas_report.sh  # registers per kernel; fails on any spill
 fi
 
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
