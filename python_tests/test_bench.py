@@ -1,0 +1,160 @@
+"""The benchmark scripts' smoke runs (CPU, seconds each) and the draft-length tuner.
+
+Each script's ``main`` is called in-process with ``--smoke --out <tmp>``, as CI
+would run ``python bench/<script>.py --smoke``; the checks are on what it
+writes: a CSV under ``<tmp>/cpu-smoke/`` with the metadata header, and a PNG.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
+    sys.path.insert(0, str(ROOT))
+
+from bench import attention, common, decode, token_slots  # noqa: E402
+from tidar_kernels.kv_cache import KVCache  # noqa: E402
+from tidar_kernels.tuning import DecodeStep, expected_tokens, tune_draft_length  # noqa: E402
+
+META_KEYS = ("device", "gpu", "driver", "torch", "triton", "commit", "date", "command")
+
+
+@pytest.fixture
+def restore_threads():
+    """Smoke runs pin torch to one thread; give the rest of the session its threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script, extra, outputs", [
+    (attention, ["--refcheck"], ["attention.csv", "attention.png"]),
+    (token_slots, [], ["token_slots.csv", "token_slots_summary.csv", "token_slots.png"]),
+    (decode, [], ["decode.csv", "decode_tuning.csv", "decode.png"]),
+], ids=["attention", "token_slots", "decode"])
+def test_smoke_run_writes_labelled_results(script, extra, outputs, tmp_path, restore_threads):
+    csv_path = script.main(["--smoke", "--out", str(tmp_path)] + extra)
+    out_dir = tmp_path / common.SMOKE_DEVICE
+    assert csv_path.parent == out_dir
+    for name in outputs:
+        assert (out_dir / name).stat().st_size > 0, name
+    meta, rows = common.read_csv(csv_path)
+    assert set(META_KEYS) <= set(meta)
+    assert meta["device"] == common.SMOKE_DEVICE and meta["note"] == common.SMOKE_BANNER
+    assert meta["command"].startswith(f"python bench/{Path(script.__file__).name} --smoke")
+    assert rows
+    if script is attention:
+        checked = [row for row in rows if row["refcheck"]]
+        assert checked and not [row for row in checked if row["refcheck"] == "FAIL"]
+
+
+@pytest.mark.parametrize("script", [attention, token_slots], ids=["attention", "token_slots"])
+def test_time_budget_cuts_the_run_and_says_so(script, tmp_path, restore_threads):
+    meta, rows = common.read_csv(script.main(["--smoke", "--out", str(tmp_path), "--max-seconds", "0"]))
+    assert meta["truncated"].startswith("yes") and rows  # the first shape always runs
+
+
+def test_smoke_output_never_goes_to_results(restore_threads):
+    with pytest.raises(ValueError, match="--out"):
+        common.output_dir(common.RESULTS_ROOT, smoke=True)
+
+
+def test_csv_round_trip(tmp_path):
+    meta = {"gpu": "none", "command": "python bench/x.py --smoke"}
+    rows = [{"a": 1, "b": 0.5}, {"a": 2, "c": "x"}]
+    common.write_csv(tmp_path / "r.csv", rows, meta)
+    assert common.read_csv(tmp_path / "r.csv") == (meta, [{"a": "1", "b": "0.5", "c": ""},
+                                                         {"a": "2", "b": "", "c": "x"}])
+
+
+def test_flat_region_ends_before_first_point_above_tolerance():
+    steps = token_slots.tidar_step_sizes(4)  # {6: 2, 12: 3, 20: 4}
+    latency = {1: 1.0, 2: 1.0, 4: 1.05, 6: 1.09, 8: 1.2, 12: 1.0, 20: 3.0}
+    assert token_slots.flat_region(latency, steps) == (6, 2)  # 12 is cheap again but past the first rise
+    assert token_slots.flat_region({1: 1.0, 2: 2.0, 6: 2.0}, steps) == (1, None)
+    with pytest.raises(ValueError, match="N=1"):
+        token_slots.flat_region({2: 1.0}, steps)
+
+
+def test_token_counts_hold_powers_of_two_and_tidar_step_sizes():
+    counts = token_slots.token_counts(512, 16)
+    assert {1, 2, 256, 512, 6, 20, 272} <= set(counts) and counts == sorted(counts)
+
+
+def test_attention_flop_count_is_the_visible_work():
+    shape = attention.Shape("decode", "m", 4, 2, 8, batch=2, cache_len=10, draft_len=2)
+    # 6 step rows see the 10 cache keys; locally drafts see 1, 2 keys, block 1's two rows
+    # 1 draft + 2 block keys each, block 2's two rows 2 drafts + 2 block keys each
+    assert attention.visible_pairs(shape, causal=False) == 6 * 10 + (1 + 2) + 2 * 3 + 2 * 4
+    assert attention.flops(shape, causal=False) == 4 * 8 * 4 * 2 * 77
+    train = attention.Shape("train-fwdbwd", "m", 4, 2, 8, batch=1, seq_len=8, block=2)
+    assert attention.flops(train, causal=True) == 3.5 * 4 * 8 * 4 * (8 * 9 // 2)
+
+
+@pytest.mark.parametrize("acceptance, k, expected", [
+    (0.5, 3, 1.75), (1.0, 4, 4.0), (0.0, 5, 1.0),
+    ([0, 1, 1, 2], 3, 2.25), ([0, 1, 1, 2], 2, 1.75), ([7, 1, 1, 2], 1, 1.0),
+], ids=["geometric", "always", "never", "hist-full", "hist-cut", "hist-k1"])
+def test_expected_tokens(acceptance, k, expected):
+    assert expected_tokens(k, acceptance) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("acceptance, k, match", [
+    (1.5, 2, "acceptance"), ([0, 1, 1], 3, "draft_len=3"), ([0, 0], 1, "histogram"), (0.5, 0, "draft_len"),
+], ids=["probability", "hist-too-short", "hist-empty", "k0"])
+def test_expected_tokens_rejects_bad_input(acceptance, k, match):
+    with pytest.raises(ValueError, match=match):
+        expected_tokens(k, acceptance)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return common.random_model("tiny", torch.device("cpu"), torch.float32)
+
+
+def test_tuner_picks_best_expected_throughput(tiny_model):
+    latency = {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}  # flat up to k=3, then doubles
+    choice = tune_draft_length(tiny_model, 2, 16, acceptance=0.9, draft_lens=[1, 2, 3, 4], measure=latency.get)
+    assert choice.draft_len == 3 and choice.best.step_ms == 1.0
+    assert choice.best.tokens_per_s == pytest.approx(2 * (1 + 0.9 + 0.81) / 1.0 * 1e3)
+    assert [row.draft_len for row in choice.table] == [1, 2, 3, 4]
+    tie = tune_draft_length(tiny_model, 1, 16, acceptance=1.0, draft_lens=[2, 4], measure=lambda k: float(k))
+    assert tie.draft_len == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"draft_lens": []}, "draft_lens"), ({"measure": lambda k: 0.0}, "positive"),
+    ({"batch_size": 0}, "batch_size"), ({"draft_lens": [0]}, "draft_lens entry"),
+], ids=["no-k", "zero-latency", "batch0", "k0"])
+def test_tuner_rejects_bad_input(tiny_model, kwargs, match):
+    args = {"batch_size": 1, "cache_len": 8, "draft_lens": [1, 2], "measure": lambda k: 1.0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        tune_draft_length(tiny_model, **args)
+
+
+def test_tuner_times_real_steps_on_cpu(tiny_model, restore_threads):
+    torch.set_num_threads(1)
+    choice = tune_draft_length(tiny_model, 1, 8, acceptance=0.5, draft_lens=[1, 2])
+    assert {row.draft_len for row in choice.table} == {1, 2} and all(row.step_ms > 0 for row in choice.table)
+
+
+def test_decode_step_commits_then_restores(tiny_model):
+    cache = KVCache.for_model(tiny_model, 2, 16)
+    cache.reset([5, 9])
+    step = DecodeStep(tiny_model, cache, 3)
+    with torch.inference_mode():
+        for _ in range(2):  # every call starts from the same lengths
+            next_drafts = step()
+            accepted = cache.seqlens - torch.tensor([5, 9], dtype=torch.int32)
+            assert next_drafts.shape == (2, 2) and bool(((accepted >= 1) & (accepted <= 3)).all())
+
+
+def test_simulated_acceptance_matches_its_model():
+    draws = decode.sample_accepted(8, 0.7, steps=20000, batch=1)
+    assert int(draws.min()) >= 1 and int(draws.max()) <= 8
+    assert float(draws.float().mean()) == pytest.approx(expected_tokens(8, 0.7), rel=0.02)
+    hist = [0, 2, 1, 1]
+    draws = decode.sample_accepted(2, hist, steps=20000, batch=2)
+    assert float(draws.float().mean()) == pytest.approx(expected_tokens(2, hist), rel=0.02)
