@@ -177,3 +177,13 @@ def test_triton_key_ranges_equal_python(case):
     rows_ = torch.arange(num_rows)
     expected = torch.stack(M.key_ranges(layout, rows_, clean_rows, block, context), dim=1)
     assert torch.equal(out.cpu().long(), expected)
+
+
+def test_layout_clean_rows_and_rows_written():
+    assert M.layout_clean_rows(Layout.TRAINING, 12, 3) == 6
+    assert M.layout_clean_rows(Layout.DECODE, 12, 3) == 3
+    assert M.layout_clean_rows(Layout.PREFILL, 9, 3) == 6
+    assert M.layout_clean_rows(Layout.CAUSAL, 5, 1) == 5
+    assert M.rows_written_to_cache(Layout.DECODE, 12, 3) == 3  # the drafts, never the mask blocks
+    assert M.rows_written_to_cache(Layout.PREFILL, 9, 3) == 6  # the (padded) prompt
+    assert M.rows_written_to_cache(Layout.CAUSAL, 5, 1) == 5

@@ -173,6 +173,27 @@ def training_position_ids(seq_len: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 
 
+def layout_clean_rows(layout: Layout, num_rows: int, block_size: int) -> int:
+    """Where the mask rows begin in a forward of ``num_rows`` rows of ``layout``.
+
+    Training ``[S clean | S mask]``: ``S``; decode ``[k drafts | k blocks]``: ``k``;
+    prefill ``[padded prompt | one block of k]``: ``num_rows - k``; causal: no mask rows.
+    """
+    if layout == Layout.TRAINING:
+        return num_rows // 2
+    if layout == Layout.DECODE:
+        return block_size
+    if layout == Layout.PREFILL:
+        return num_rows - block_size
+    return num_rows
+
+
+def rows_written_to_cache(layout: Layout, num_rows: int, block_size: int) -> int:
+    """How many leading rows of a cached forward go into the KV cache: the clean ones
+    (drafts, prompt, or every AR row); mask rows never do."""
+    return layout_clean_rows(layout, num_rows, block_size)
+
+
 def key_ranges(layout: Layout, row, clean_rows, block_size, context_len=0):
     """Visible local key ranges ``(clean_end, block_start, block_end)`` of query ``row``.
 

@@ -40,7 +40,7 @@ def masked_attention(q, k, v, allowed, scale, dtype=None):
 
 def attention_mask(layout: Layout, num_rows: int, block_size: int) -> torch.Tensor:
     """Dense ``[T, T]`` mask of the cache-free layouts (training, causal)."""
-    clean_rows = num_rows // 2 if layout == Layout.TRAINING else num_rows
+    clean_rows = tidar_mask.layout_clean_rows(layout, num_rows, block_size)
     return tidar_mask.local_mask(layout, num_rows, clean_rows, block_size)
 
 
@@ -94,25 +94,19 @@ def cached_mask(layout: Layout, cache_seqlens: torch.Tensor, max_len: int, num_r
     return torch.cat([cache_part, local_part], dim=-1)
 
 
-def rows_written(layout: Layout, num_rows: int, clean_rows: int) -> int:
-    """How many leading step rows go into the cache: drafts / prompt / all (never mask rows)."""
-    return num_rows if layout == Layout.CAUSAL else clean_rows
-
-
 def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
                      layout: int, block_size: int, scale: float):
     """Attention of the step rows over cache ``[0, n_b)`` and their own keys; writes the
     clean step rows' K/V into the cache at ``[n_b, n_b + W)`` in place."""
     layout = Layout(layout)
     batch, num_rows = q.shape[:2]
-    clean_rows = num_rows if layout == Layout.CAUSAL else (
-        block_size if layout == Layout.DECODE else num_rows - block_size)
+    clean_rows = tidar_mask.layout_clean_rows(layout, num_rows, block_size)
     max_len = k_cache.shape[1]
     allowed = cached_mask(layout, cache_seqlens, max_len, num_rows, clean_rows, block_size, context_lens)
     keys = torch.cat([k_cache, k_new.to(k_cache.dtype)], dim=1)
     values = torch.cat([v_cache, v_new.to(v_cache.dtype)], dim=1)
     out, _ = masked_attention(q, keys, values, allowed, scale)
-    written = rows_written(layout, num_rows, clean_rows)
+    written = tidar_mask.rows_written_to_cache(layout, num_rows, block_size)
     index = (cache_seqlens.long()[:, None] + torch.arange(written, device=q.device))  # [B, W]
     index = index[:, :, None, None].expand(batch, written, *k_cache.shape[2:])
     k_cache.scatter_(1, index, k_new[:, :written].to(k_cache.dtype))

@@ -1,0 +1,265 @@
+"""The "triton" backend: Triton kernels registered as torch ops ``tidar::*_triton``.
+
+Ops (``torch.library.triton_op`` + ``wrap_triton``, so torch.compile sees the
+kernels and a decode step can be captured in a CUDA graph):
+
+* ``tidar::attention_fwd_triton(q, k, v, layout, block_size, scale) -> (out, lse)``,
+  differentiable through ``tidar::attention_bwd_triton`` (training and causal);
+* ``tidar::cached_attention_triton(...)`` with the schema of
+  ``tidar::cached_attention_reference``: decode step, prefill and causal append;
+  writes the clean step rows into ``k_cache``/``v_cache``.
+
+Greedy acceptance stays with the reference backend (``accept_drafts=None``): it is
+a handful of argmaxes, not attention.
+
+Supported calls: fp16, bf16 and fp32 on CUDA; head dims up to 128 (any size, padded
+to a power of two >= 16 inside the kernels). On the CPU only under the Triton
+interpreter (``TRITON_INTERPRET=1``, read when this module is imported) and only
+fp32/fp16: the interpreter computes bf16 wrongly. Importing this module without
+triton raises ImportError, which the registry reads as "not available".
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton  # without triton this raises ImportError: the registry reads "backend unavailable"
+from torch.library import triton_op, wrap_triton
+
+from ..mask import Layout, layout_clean_rows, rows_written_to_cache
+from . import Backend, Call
+from . import triton_kernels as kernels
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 128
+# Splitting the cache pays off only when each split streams a fair number of keys.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 32
+# The interpreter has no SMs; pretend a small GPU so CPU tests exercise the split path.
+INTERPRETER_SM_COUNT = 8
+
+_LAUNCH_FWD = wrap_triton(kernels.attention_fwd_kernel)
+_LAUNCH_BWD_PRE = wrap_triton(kernels.attention_bwd_preprocess_kernel)
+_LAUNCH_BWD_DQ = wrap_triton(kernels.attention_bwd_dq_kernel)
+_LAUNCH_BWD_DKDV = wrap_triton(kernels.attention_bwd_dkdv_kernel)
+_LAUNCH_CACHED = wrap_triton(kernels.cached_attention_kernel)
+_LAUNCH_MERGE = wrap_triton(kernels.merge_splits_kernel)
+
+
+# ----------------------------------------------------------------------------
+# Launch configuration (static shapes only: never reads a tensor's values)
+# ----------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not be rounded to tf32 in tl.dot: the tolerance rule compares
+    # against PyTorch's fp32 math, which keeps full precision.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _warps(block_rows: int, block_d: int) -> int:
+    return 8 if block_rows * block_d >= 128 * 128 else 4
+
+
+def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward and dQ kernels.
+
+    128 x 64 is flash-attention's choice for fp16/bf16; fp32 tiles take twice the
+    shared memory per element, so they are halved.
+    """
+    return (64, 32) if dtype == torch.float32 else (128, 64)
+
+
+def _bwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dK/dV kernel: it holds K, V, dK, dV tiles of BLOCK_N rows."""
+    return (32, 32) if dtype == torch.float32 else (64, 64)
+
+
+def _stages(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.float32 else 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(programs: int, max_len: int, device: torch.device) -> int:
+    """How many chunks the cache is split into (flash-decoding), from static sizes only.
+
+    Aim for about two waves of programs over the SMs; never give a split fewer than
+    ``MIN_KEYS_PER_SPLIT`` cache rows at full capacity (the merge would cost more
+    than it saves). Chunks are sized from the real lengths inside the kernel, so
+    the work stays balanced for any ``cache_seqlens``.
+    """
+    wanted = triton.cdiv(2 * _sm_count(device), programs)
+    return max(1, min(wanted, max_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def _cached_blocks(dtype: torch.dtype, packed_rows: int, block_d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the cached kernel.
+
+    BLOCK_M covers all packed (query row, group head) rows of a small decode step in
+    one tile, so cached K/V are read once per KV head; small row tiles take wider key
+    tiles to keep enough bytes in flight.
+    """
+    cap = 64 if dtype == torch.float32 else 128
+    block_m = min(cap, max(16, triton.next_power_of_2(packed_rows)))
+    block_n = 128 if block_m <= 32 and dtype != torch.float32 else 64
+    if dtype == torch.float32 and block_d >= 128:
+        block_n = 32
+    return block_m, block_n
+
+
+# ----------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------
+
+
+@triton_op("tidar::attention_fwd_triton", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: int, block_size: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training / causal attention: ``(out [B,T,Hq,D] in q.dtype, lse [B,Hq,T] fp32, natural log)``."""
+    batch, num_rows, num_heads, head_dim = q.shape
+    out = torch.empty((batch, num_rows, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, num_rows), dtype=torch.float32, device=q.device)
+    block_d = _block_d(head_dim)
+    block_m, block_n = _fwd_blocks(q.dtype)
+    grid = (triton.cdiv(num_rows, block_m), batch * num_heads)
+    _LAUNCH_FWD[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        num_rows, num_heads, num_heads // k.shape[2], layout_clean_rows(Layout(layout), num_rows, block_size),
+        block_size, scale * kernels.LOG2E, head_dim,
+        LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        num_warps=_warps(block_m, block_d), num_stages=_stages(q.dtype))
+    return out, lse
+
+
+@triton_op("tidar::attention_bwd_triton", mutates_args=())
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, layout: int, block_size: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` recomputed from the saved ``lse`` (GQA: summed per KV head)."""
+    batch, num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty((batch, num_heads, num_rows), dtype=torch.float32, device=q.device)
+    block_d = _block_d(head_dim)
+    clean_rows = layout_clean_rows(Layout(layout), num_rows, block_size)
+    qk_scale = scale * kernels.LOG2E
+    precision, stages = _precision(q.dtype), _stages(q.dtype)
+
+    _LAUNCH_BWD_PRE[(triton.cdiv(num_rows, 64), batch * num_heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), num_rows, num_heads, head_dim,
+        BLOCK_M=64, BLOCK_D=block_d)
+    block_m, block_n = _fwd_blocks(q.dtype)
+    _LAUNCH_BWD_DQ[(triton.cdiv(num_rows, block_m), batch * num_heads)](
+        q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        num_rows, num_heads, num_heads // num_kv_heads, clean_rows, block_size, qk_scale, scale, head_dim,
+        LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        num_warps=_warps(block_m, block_d), num_stages=stages)
+    block_m, block_n = _bwd_blocks(q.dtype)
+    _LAUNCH_BWD_DKDV[(triton.cdiv(num_rows, block_n), batch * num_kv_heads)](
+        q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        *dk.stride(), *dv.stride(), num_rows, num_heads, num_kv_heads, num_heads // num_kv_heads, clean_rows,
+        block_size, qk_scale, scale, head_dim,
+        LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        num_warps=_warps(block_n, block_d), num_stages=stages)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _BWD(dout, q, k, v, out, lse, ctx.layout, ctx.block_size, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@triton_op("tidar::cached_attention_triton", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
+                     layout: int, block_size: int, scale: float) -> torch.Tensor:
+    """Step rows over cache ``[0, n_b)`` plus their own keys; writes the clean rows into the cache.
+
+    Same semantics as ``tidar::cached_attention_reference``. One launch, plus a
+    merge launch when the cache is split.
+    """
+    batch, num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_new.shape[2]
+    group = num_heads // num_kv_heads
+    layout_enum = Layout(layout)
+    clean_rows = layout_clean_rows(layout_enum, num_rows, block_size)
+    written = rows_written_to_cache(layout_enum, num_rows, block_size)
+    out = torch.empty((batch, num_rows, num_heads, head_dim), dtype=q.dtype, device=q.device)
+
+    block_d = _block_d(head_dim)
+    packed_rows = num_rows * group
+    block_m, block_n = _cached_blocks(q.dtype, packed_rows, block_d)
+    row_tiles = triton.cdiv(packed_rows, block_m)
+    splits = num_splits(batch * num_kv_heads * row_tiles, k_cache.shape[1], q.device)
+    if splits > 1:
+        o_part = torch.empty((batch * num_kv_heads, splits, packed_rows, head_dim), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((batch * num_kv_heads, splits, packed_rows), dtype=torch.float32, device=q.device)
+    else:  # the kernel writes the output directly; these pointers are never used
+        o_part = lse_part = out
+    has_context = context_lens is not None
+    _LAUNCH_CACHED[(splits, row_tiles, batch * num_kv_heads)](
+        q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens if has_context else cache_seqlens,
+        out, o_part, lse_part, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(),
+        *v_cache.stride(), *out.stride(),
+        num_rows, num_kv_heads, group, clean_rows, block_size, written, scale * kernels.LOG2E, head_dim,
+        LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+        num_warps=_warps(block_m, block_d), num_stages=_stages(q.dtype))
+    if splits > 1:
+        _LAUNCH_MERGE[(triton.cdiv(packed_rows, 64), batch * num_kv_heads)](
+            o_part, lse_part, out, *out.stride(), num_rows, num_kv_heads, group, head_dim,
+            NUM_SPLITS=splits, BLOCK_M=64, BLOCK_D=block_d)
+    return out
+
+
+# Op handles bound once: dispatch through them costs no attribute lookups per call.
+_FWD = torch.ops.tidar.attention_fwd_triton.default
+_BWD = torch.ops.tidar.attention_bwd_triton.default
+_CACHED = torch.ops.tidar.cached_attention_triton.default
+
+
+def _supports(call: Call) -> bool:
+    if not 1 <= call.head_dim <= MAX_HEAD_DIM:
+        return False
+    if call.device.type == "cuda":
+        return call.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return INTERPRET and call.device.type == "cpu" and call.dtype in (torch.float16, torch.float32)
+
+
+def _attention(q, k, v, layout, block_size, scale):
+    return _FWD(q, k, v, layout, block_size, scale)[0]
+
+
+BACKEND = Backend(
+    name="triton",
+    supports=_supports,
+    attention=_attention,
+    cached_attention=_CACHED,
+    accept_drafts=None,
+)
