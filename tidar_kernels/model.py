@@ -1,0 +1,313 @@
+"""A thin decoder-only transformer (Llama / Qwen2 / Qwen3) whose attention is the tidar ops.
+
+One forward path serves every TiDAR mode. The caller gives token ids, explicit
+position ids and an :class:`AttentionContext` that says which tidar op each layer
+calls (and with which cache):
+
+=================  ============================  ===================================
+mode               op                            used by
+=================  ============================  ===================================
+causal             ``causal_attention``          likelihood, training of AR models
+training           ``training_attention``        TiDAR training (TIDAR.md section 2)
+prefill            ``prefill_attention``         TiDAR prefill (section 3)
+decode             ``decode_attention``          TiDAR decode step (section 4)
+append             ``append_attention``          AR prefill and AR decode step
+=================  ============================  ===================================
+
+No dense mask is ever built here: the ops take the mask rule from
+:mod:`tidar_kernels.mask`. :meth:`Transformer.forward` returns the final hidden
+states; :meth:`Transformer.lm_head` turns only the rows a caller needs into
+logits (a decode step of ``k + k*k`` rows needs ``3k - 1`` of them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .mask import Layout, check_training_shape, training_position_ids
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and flavour of the transformer.
+
+    ``vocab_size`` counts every row of the embedding, the mask token included.
+    ``mask_token_id`` is TiDAR's ``[M]`` (None for a plain AR model: it then
+    cannot draft). ``qkv_bias`` is Qwen2's bias on the q/k/v projections and
+    ``qk_norm`` Qwen3's per-head RMSNorm of q and k before RoPE. ``max_seq_len`` is
+    the context the checkpoint was trained for (metadata: RoPE takes any position
+    and the decode loop sizes its cache per call).
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    mask_token_id: Optional[int] = None
+    max_seq_len: int = 4096
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id must lie in [0, vocab_size={self.vocab_size}) or be None, "
+                             f"got {self.mask_token_id}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TransformerConfig":
+        """A named configuration (see :data:`CONFIGS`), with optional field overrides."""
+        if name not in CONFIGS:
+            raise ValueError(f"name must be one of {sorted(CONFIGS)}, got {name!r}")
+        return dataclasses.replace(CONFIGS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config has unknown fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**values)
+
+
+# Shapes of the published models. Qwen's vocabularies (151936 rows) are larger
+# than their tokenizers (151665 tokens), so the mask token takes the first unused
+# row; SmolLM2 has no spare row and gets one appended (id 49152) by the loader.
+CONFIGS: dict[str, TransformerConfig] = {
+    "tiny": TransformerConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                              intermediate_size=160, mask_token_id=96, max_seq_len=512),
+    "small": TransformerConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+                               intermediate_size=688, mask_token_id=4095, max_seq_len=2048),
+    "smollm2-135m": TransformerConfig(vocab_size=49153, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                                      intermediate_size=1536, rope_theta=100000.0, norm_eps=1e-5,
+                                      tie_embeddings=True, mask_token_id=49152, max_seq_len=8192),
+    "qwen2.5-1.5b": TransformerConfig(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                                      head_dim=128, intermediate_size=8960, rope_theta=1000000.0, norm_eps=1e-6,
+                                      qkv_bias=True, tie_embeddings=True, mask_token_id=151665,
+                                      max_seq_len=32768),
+    "qwen3-8b": TransformerConfig(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128,
+                                  intermediate_size=12288, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True,
+                                  mask_token_id=151669, max_seq_len=40960),
+    "qwen3-32b": TransformerConfig(vocab_size=151936, dim=5120, n_layers=64, n_heads=64, n_kv_heads=8,
+                                   head_dim=128, intermediate_size=25600, rope_theta=1000000.0, norm_eps=1e-6,
+                                   qk_norm=True, mask_token_id=151669, max_seq_len=40960),
+}
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Which tidar op every layer calls, and the state that op needs.
+
+    ``block_size`` is ``B`` (training) or the draft length ``k`` (prefill,
+    decode). ``cache`` is a :class:`tidar_kernels.kv_cache.KVCache`: required by
+    PREFILL and DECODE, optional for CAUSAL (with a cache: the AR prefill and AR
+    step), never with TRAINING. ``prompt_lens`` (int32 ``[batch]``) are the real
+    prompt lengths of a right-padded prefill. Cached calls pass
+    ``check_lengths=False``: the decode loop sizes its cache once up front, so a
+    step never synchronises with the host.
+    """
+
+    layout: Layout
+    block_size: int = 1
+    cache: Optional["KVCache"] = None
+    prompt_lens: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        needs_cache = self.layout in (Layout.PREFILL, Layout.DECODE)
+        if needs_cache and self.cache is None:
+            raise ValueError(f"cache must be a KVCache for layout {self.layout.name}, got None")
+        if self.layout == Layout.TRAINING and self.cache is not None:
+            raise ValueError("cache must be None for layout TRAINING (training attends within the batch only)")
+        if (self.layout == Layout.PREFILL) != (self.prompt_lens is not None):
+            raise ValueError(f"prompt_lens must be given exactly for layout PREFILL, got layout "
+                             f"{self.layout.name} with prompt_lens {'set' if self.prompt_lens is not None else 'None'}")
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            if self.layout == Layout.TRAINING:
+                return ops.training_attention(q, k, v, self.block_size)
+            return ops.causal_attention(q, k, v)
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        seqlens = self.cache.seqlens
+        if self.layout == Layout.DECODE:
+            return ops.decode_attention(q, k, v, k_cache, v_cache, seqlens, self.block_size, check_lengths=False)
+        if self.layout == Layout.PREFILL:
+            return ops.prefill_attention(q, k, v, k_cache, v_cache, seqlens, self.prompt_lens, self.block_size,
+                                         check_lengths=False)
+        return ops.append_attention(q, k, v, k_cache, v_cache, seqlens, check_lengths=False)
+
+
+CAUSAL = AttentionContext(Layout.CAUSAL)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in fp32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE in the "rotate half" layout of Hugging Face checkpoints.
+
+    ``x [B, T, H, D]``, ``position_ids [B, T]`` (explicit: in TiDAR's layouts rows
+    and positions differ). Dimension ``i < D/2`` is paired with ``i + D/2`` and
+    the pair is rotated by angle ``pos * theta**(-2i/D)``; angles in fp32.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        c = config
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        c = self.config
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, c.n_heads, c.head_dim)
+        k = self.wk(x).view(batch, seq, c.n_kv_heads, c.head_dim)
+        v = self.wv(x).view(batch, seq, c.n_kv_heads, c.head_dim)
+        if self.q_norm is not None:  # Qwen3: RMSNorm per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, position_ids, c.rope_theta), rotary(k, position_ids, c.rope_theta)
+        out = context.attend(self.layer, q, k, v)  # GQA is the op's business
+        return self.wo(out.reshape(batch, seq, c.n_heads * c.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), position_ids, context)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                context: AttentionContext = CAUSAL) -> torch.Tensor:
+        """Final (normed) hidden states ``[B, T, dim]`` of ``input_ids [B, T]`` at ``position_ids [B, T]``.
+
+        ``context`` picks the attention op of every layer (see the module docstring).
+        Logits are :meth:`lm_head`'s job, for the rows the caller needs.
+        """
+        _check_ids("input_ids", input_ids, self.config.vocab_size)
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(position_ids.shape)}")
+        x = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, position_ids, context)
+        return self.norm(x)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of hidden states ``[..., dim]`` (tied or untied head)."""
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(hidden, weight)
+
+    def forward_causal(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Likelihood mode (TIDAR.md section 7): logits ``[B, T, V]``, plain causal, no cache."""
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
+        return self.lm_head(self(input_ids, positions, CAUSAL))
+
+    def forward_training(self, input_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Training layout (TIDAR.md section 2): logits ``[B, 2S, V]`` of ``[S clean | S mask]`` tokens.
+
+        The caller builds ``input_ids`` (second half all ``mask_token_id``);
+        position ids are ``[0..S-1, 0..S-1]``.
+        """
+        _check_ids("input_ids", input_ids, self.config.vocab_size)
+        if input_ids.shape[1] % 2:
+            raise ValueError(f"input_ids.shape[1] must be 2*S (S clean + S mask tokens), got {input_ids.shape[1]}")
+        seq_len = input_ids.shape[1] // 2
+        check_training_shape(seq_len, block_size)
+        positions = training_position_ids(seq_len).to(input_ids.device).expand(input_ids.shape)
+        return self.lm_head(self(input_ids, positions, AttentionContext(Layout.TRAINING, block_size)))
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an int64 tensor [batch, seq], got {got}")
+    if ids.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token per sequence, got shape {tuple(ids.shape)}")
