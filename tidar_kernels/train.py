@@ -474,8 +474,9 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     mask_id = model.config.mask_token_id
     history = list(state["history"]) if state is not None else []  # a resumed run keeps the earlier steps
     evaluation, checkpoint = {}, None
+    # In a log file (not a terminal) refresh every 10 s instead of every step.
     bar = tqdm(total=args.steps, initial=start, disable=not (args.progress and dist_.main), desc="train",
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     tokens_per_step = args.batch_size * args.seq_len
     train_seconds = 0.0
     for step in range(start, args.steps):
