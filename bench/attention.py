@@ -39,7 +39,8 @@ Metrics (``D`` head dim, ``Hq``/``Hkv`` heads, ``B`` batch, ``e`` bytes per elem
   rows ``[0, n)`` of K and V once, read the step's K/V, write O and the drafts'
   K/V: ``e * B * D * (2*Tq*Hq + 2*(n + Tq)*Hkv + 2*k*Hkv)``. Training forward:
   ``e * B * T * D * (2*Hq + 2*Hkv)`` (Q, K, V in, O out); forward+backward adds
-  reading Q, K, V, O, dO and writing dQ, dK, dV: ``e * B * T * D * (5*Hq + 4*Hkv)``.
+  the backward's reads of Q, K, V, O, dO and writes of dQ, dK, dV
+  (``4*Hq + 4*Hkv``): ``e * B * T * D * (6*Hq + 6*Hkv)``.
 * ``vs_<impl>`` = that implementation's time / this row's time (> 1: this row is faster).
 
 ``--refcheck`` compares every implementation's forward output on the first
@@ -140,7 +141,7 @@ def traffic_bytes(shape: Shape, element_size: int) -> float:
     elif shape.mode == "train-fwd":
         elements = b * tq * d * (2 * hq + 2 * hkv)
     else:
-        elements = b * tq * d * (5 * hq + 4 * hkv)
+        elements = b * tq * d * (6 * hq + 6 * hkv)  # forward (2Hq + 2Hkv) + backward (4Hq + 4Hkv)
     return float(elements * element_size)
 
 
@@ -571,12 +572,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Run the comparison; returns the CSV path."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = common.bench_device(args.smoke)
-    dtype = torch.bfloat16
-    out_dir = common.output_dir(args.out, args.smoke)
-    meta = common.metadata(args.smoke, __file__, argv)
+    # bf16 in smoke runs too: --refcheck's tolerance is about low-precision inputs
+    args, argv, device, dtype, out_dir, meta = common.start_run(argv, parse_args, __file__,
+                                                                smoke_dtype=torch.bfloat16)
     common.print_header(meta)
     for limit in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                   "accumulated_recompile_limit"):  # flex recompiles per shape (names differ by version)

@@ -26,9 +26,10 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -79,11 +80,32 @@ def output_dir(out: Optional[Path], smoke: bool) -> Path:
     """``<out>/<device>/``; smoke runs default to a temporary directory, never to bench/results."""
     if out is None:
         out = Path(tempfile.gettempdir()) / "tidar-bench" if smoke else RESULTS_ROOT
-    if smoke and Path(out).resolve() == RESULTS_ROOT.resolve():
-        raise ValueError(f"--out must not be {RESULTS_ROOT} for a --smoke run: smoke timings are not results")
+    resolved, results = Path(out).resolve(), RESULTS_ROOT.resolve()
+    if smoke and (resolved == results or results in resolved.parents):
+        raise ValueError(f"--out must lie outside {RESULTS_ROOT} for a --smoke run (smoke timings are not "
+                         f"results), got {out}")
     path = Path(out) / device_label(smoke)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def start_run(argv: Optional[Sequence[str]], parse_args: Callable[[list], argparse.Namespace], script: str,
+              smoke_dtype: torch.dtype = torch.float32) -> tuple[argparse.Namespace, list, torch.device, torch.dtype,
+                                                                 Path, dict[str, str]]:
+    """The common start of every script's ``main``: arguments, device, dtype, output folder, metadata.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``script`` is the script's ``__file__``
+    (for the reproduce command). The dtype is bf16 on CUDA and ``smoke_dtype``
+    in smoke runs. Returns ``(args, argv, device, dtype, out_dir, meta)``; the
+    caller adds its own metadata and prints it (:func:`print_header`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = bench_device(args.smoke)
+    dtype = smoke_dtype if args.smoke else torch.bfloat16
+    out_dir = output_dir(args.out, args.smoke)
+    meta = metadata(args.smoke, script, argv)
+    return args, argv, device, dtype, out_dir, meta
 
 
 def parse_int_list(text: str) -> list[int]:

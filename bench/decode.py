@@ -56,7 +56,7 @@ DEFAULT_ACCEPTANCE = 0.885  # sum_{i<16} 0.885**i = 7.45, the paper's 1.5B token
 def sample_accepted(draft_len: int, acceptance, steps: int, batch: int, seed: int = 0) -> torch.Tensor:
     """Accepted counts ``[steps, batch]`` (``1..draft_len``) drawn from the acceptance model."""
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(acceptance, float):
+    if isinstance(acceptance, (int, float)) and not isinstance(acceptance, bool):  # as tuning.expected_tokens
         hits = torch.rand(steps, batch, draft_len - 1, generator=gen) < acceptance
         return 1 + torch.cumprod(hits.int(), dim=-1).sum(-1)
     counts = torch.tensor([float(c) for c in acceptance[1:]])  # index 0 (finished sequences) ignored
@@ -75,7 +75,8 @@ def random_prompt(model, batch: int, length: int) -> torch.Tensor:
 
 def loop_ms(generate, model, prompt: torch.Tensor, new_tokens: tuple[int, int], repeats: int, **kwargs) -> dict:
     """Per-forward latency of a real decode loop (module docstring) and its measured tokens per forward."""
-    generate(model, prompt, new_tokens[0], **kwargs)  # warm-up: kernels, graph pools
+    for n in new_tokens:  # warm-up at both lengths: kernels, graph captures and pools of every shape
+        generate(model, prompt, n, **kwargs)
     per_forward, tokens_per_forward = [], []
     for _ in range(repeats):
         short, long = (generate(model, prompt, n, **kwargs) for n in new_tokens)
@@ -128,7 +129,7 @@ def plot(tuning: list[dict], rows: list[dict], path: Path, meta: dict) -> Path:
         left.legend(fontsize=8)
         right.plot(ks, [r["tokens_per_s"] for r in table], marker="o", label="TiDAR (expected, from step_ms)")
         right.axhline(ar["batch"] / ar["step_ms"] * 1e3, color="gray", linestyle="--", label="AR (from step_ms)")
-        best = max(table, key=lambda r: r["tokens_per_s"])
+        best = next(r for r in table if r["tuned"])  # the tuner's pick (ties go to the smaller k)
         right.scatter([best["draft_len"]], [best["tokens_per_s"]], color="red", zorder=3,
                       label=f"tuned k={best['draft_len']}")
         right.set_xlabel("draft length k")
@@ -211,12 +212,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Measure AR and TiDAR steps, tune k, simulate acceptance; returns the CSV path."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = common.bench_device(args.smoke)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    out_dir = common.output_dir(args.out, args.smoke)
-    meta = common.metadata(args.smoke, __file__, argv)
+    args, argv, device, dtype, out_dir, meta = common.start_run(argv, parse_args, __file__)
     meta["weights"] = "random (acceptance simulated from the stated model)"
     meta["acceptance"] = describe_acceptance(args.acceptance_model)
     common.print_header(meta)

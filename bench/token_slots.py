@@ -231,12 +231,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Run the sweep; returns the CSV path."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = common.bench_device(args.smoke)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    out_dir = common.output_dir(args.out, args.smoke)
-    meta = common.metadata(args.smoke, __file__, argv)
+    args, argv, device, dtype, out_dir, meta = common.start_run(argv, parse_args, __file__)
     common.print_header(meta)
     budget = args.max_seconds if args.max_seconds is not None else math.inf
 

@@ -59,6 +59,9 @@ def test_time_budget_cuts_the_run_and_says_so(script, tmp_path, restore_threads)
 def test_smoke_output_never_goes_to_results(restore_threads):
     with pytest.raises(ValueError, match="--out"):
         common.output_dir(common.RESULTS_ROOT, smoke=True)
+    with pytest.raises(ValueError, match="--out"):  # nor into a folder below it
+        common.output_dir(common.RESULTS_ROOT / "nested", smoke=True)
+    assert not (common.RESULTS_ROOT / "nested").exists()
 
 
 def test_csv_round_trip(tmp_path):
@@ -91,6 +94,19 @@ def test_attention_flop_count_is_the_visible_work():
     assert attention.flops(shape, causal=False) == 4 * 8 * 4 * 2 * 77
     train = attention.Shape("train-fwdbwd", "m", 4, 2, 8, batch=1, seq_len=8, block=2)
     assert attention.flops(train, causal=True) == 3.5 * 4 * 8 * 4 * (8 * 9 // 2)
+
+
+def test_attention_traffic_counts_each_tensor_once():
+    # Hq=4, Hkv=2, D=8, e=2 bytes, B=1, T=8
+    fwd = attention.Shape("train-fwd", "m", 4, 2, 8, batch=1, seq_len=8, block=2)
+    bwd = attention.Shape("train-fwdbwd", "m", 4, 2, 8, batch=1, seq_len=8, block=2)
+    q_or_o, kv = 8 * 8 * 4 * 2, 8 * 8 * 2 * 2  # bytes of one [T, Hq, D] / [T, Hkv, D] tensor
+    assert attention.traffic_bytes(fwd, 2) == 2 * q_or_o + 2 * kv  # read Q, K, V, write O
+    # + backward: read Q, O, dO, K, V; write dQ, dK, dV
+    assert attention.traffic_bytes(bwd, 2) == (2 * q_or_o + 2 * kv) + (4 * q_or_o + 4 * kv)
+    dec = attention.Shape("decode", "m", 4, 2, 8, batch=1, cache_len=10, draft_len=2)
+    # Q and O (6 rows x Hq), cache K/V rows 0..9 and the step's 6 K/V rows read, 2 draft K/V rows written
+    assert attention.traffic_bytes(dec, 2) == 2 * 8 * (2 * 6 * 4 + 2 * (10 + 6) * 2 + 2 * 2 * 2)
 
 
 @pytest.mark.parametrize("acceptance, k, expected", [
@@ -155,6 +171,7 @@ def test_simulated_acceptance_matches_its_model():
     draws = decode.sample_accepted(8, 0.7, steps=20000, batch=1)
     assert int(draws.min()) >= 1 and int(draws.max()) <= 8
     assert float(draws.float().mean()) == pytest.approx(expected_tokens(8, 0.7), rel=0.02)
+    assert bool((decode.sample_accepted(3, 1, steps=10, batch=2) == 3).all())  # an int probability is geometric too
     hist = [0, 2, 1, 1]
     draws = decode.sample_accepted(2, hist, steps=20000, batch=2)
     assert float(draws.float().mean()) == pytest.approx(expected_tokens(2, hist), rel=0.02)

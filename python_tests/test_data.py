@@ -29,6 +29,19 @@ def test_split_depends_only_on_the_document_name(tmp_path):
     assert 3 <= len(full.heldout) <= 18
 
 
+def test_directory_split_key_does_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for i in range(12):
+        (tmp_path / "corpus" / "sub" / f"f{i}.py").write_text(f"x = {i}\n")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["corpus", "corpus/", "./corpus", str(tmp_path / "corpus")]
+    splits = [data.build_corpus([s], heldout_fraction=0.3) for s in spellings]
+    for corpus in splits:
+        assert [d.name for d in corpus.train] == [d.name for d in splits[0].train]
+        assert [d.name for d in corpus.heldout] == [d.name for d in splits[0].heldout]
+    assert {d.name for d in splits[0].train + splits[0].heldout} == {f"sub/f{i}.py" for i in range(12)}
+
+
 def test_sources_directory_glob_jsonl_and_file(tmp_path):
     (tmp_path / "a.py").write_text("print('a')\n")
     (tmp_path / "b.md").write_text("# b\n")

@@ -103,6 +103,31 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / T.LATEST).exists()
 
 
+def test_rewriting_a_step_keeps_the_old_checkpoint_when_the_rename_fails(tmp_path, monkeypatch):
+    result = T.train(dataclasses.replace(QUICK, steps=1))
+    opt = T.make_optimizer(result.model, QUICK)
+    save = lambda: T.save_checkpoint(tmp_path, 1, result.model, result.tokenizer, opt,  # noqa: E731
+                                     T.make_scheduler(opt, QUICK), tdata.BatchSampler(3, 0), QUICK)
+    first = save()
+    before = sorted(p.name for p in first.iterdir())
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".tmp-"):  # the new checkpoint's rename into place
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(T.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save()
+    monkeypatch.setattr(T.os, "replace", real_replace)
+    assert checkpoint_dirs(tmp_path) == ["step_000001"]  # the old one, back in place; no temp dirs left
+    assert sorted(p.name for p in first.iterdir()) == before
+    assert T.resolve_checkpoint(str(tmp_path)) == first
+    save()  # a working rewrite replaces it and leaves nothing else behind
+    assert checkpoint_dirs(tmp_path) == ["step_000001"]
+
+
 # ----------------------------------------------------------------------------
 # torch.distributed: 2 gloo processes give the loss of 1 process with the same global batch
 # ----------------------------------------------------------------------------
@@ -205,6 +230,13 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
     with pytest.raises(ValueError, match=match):
         T.train(args, resume=resume)
     assert checkpoint_dirs(out) == []
+
+
+@pytest.mark.parametrize("field, value", [("micro_batch_size", 0), ("micro_batch_size", -2), ("eval_rows", 0)],
+                         ids=["micro0", "micro-negative", "eval_rows0"])
+def test_bad_counts_are_named_in_the_error(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1, got {value}"):
+        dataclasses.replace(QUICK, **{field: value}).validate()
 
 
 def test_cli_parses_overrides_and_types():

@@ -93,7 +93,9 @@ def read_source(source: str, text_field: str = "text") -> list[Document]:
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        return [Document(f"{source}/{p.relative_to(path).as_posix()}", t) for p in files if (t := _read_text(p))]
+        # the split key is the path relative to the directory: the same however the directory is spelled
+        # ("data", "data/", "./data", an absolute path), so a resumed run sees the same split
+        return [Document(p.relative_to(path).as_posix(), t) for p in files if (t := _read_text(p))]
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path, text_field)
@@ -330,10 +332,14 @@ class BatchSampler:
             raise ValueError(f"num_rows must be >= 1, got {num_rows}")
         self.num_rows, self.seed = num_rows, seed
         self.epoch, self.cursor = 0, 0
+        self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
 
     def _order(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_rows, generator=gen)
+        """This epoch's permutation, computed once per epoch (not once per batch)."""
+        if self._cached[0] != self.epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._cached = (self.epoch, torch.randperm(self.num_rows, generator=gen))
+        return self._cached[1]
 
     def next_rows(self, count: int) -> torch.Tensor:
         out = []

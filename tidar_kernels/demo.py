@@ -43,6 +43,8 @@ def compare(model, tokenizer, prompts, draft_len: int, new_tokens: int, device) 
     """Decode every prompt with AR and TiDAR (greedy, beta = 1); print and return the figures."""
     from .generate import ar_generate, tidar_generate
 
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got none")
     model.eval()
     eos = tokenizer.eos_id
     # Warm-up: one untimed pass over every prompt, so one-time costs (allocations, backend
@@ -50,9 +52,9 @@ def compare(model, tokenizer, prompts, draft_len: int, new_tokens: int, device) 
     for prompt in prompts:
         warm = torch.tensor([prompt], device=device)
         ar_generate(model, warm, new_tokens, eos_token_id=eos)
-        tidar_generate(model, warm, new_tokens, draft_len, eos_token_id=eos)
+        tidar_generate(model, warm, new_tokens, draft_len, beta=1.0, eos_token_id=eos)
     totals = {"ar_tokens": 0, "ar_time": 0.0, "ar_forwards": 0, "tidar_tokens": 0, "tidar_time": 0.0,
-              "tidar_forwards": 0, "tidar_steps_tokens": 0.0, "identical": 0}
+              "tidar_forwards": 0, "tidar_tokens_per_forward_sum": 0.0, "identical": 0}
     for index, prompt in enumerate(prompts):
         ids = torch.tensor([prompt], device=device)
         ar = ar_generate(model, ids, new_tokens, eos_token_id=eos)
@@ -73,13 +75,13 @@ def compare(model, tokenizer, prompts, draft_len: int, new_tokens: int, device) 
         totals["tidar_tokens"] += len(td_seq)
         totals["tidar_time"] += td.wall_time
         totals["tidar_forwards"] += td.forwards
-        totals["tidar_steps_tokens"] += td.tokens_per_forward
+        totals["tidar_tokens_per_forward_sum"] += td.tokens_per_forward
         totals["identical"] += int(same)
     count = len(prompts)
     summary = {
         "prompts": count,
         "identical": totals["identical"],
-        "tidar_tokens_per_forward": totals["tidar_steps_tokens"] / count,
+        "tidar_tokens_per_forward": totals["tidar_tokens_per_forward_sum"] / count,
         "ar_tokens_per_s": totals["ar_tokens"] / totals["ar_time"],
         "tidar_tokens_per_s": totals["tidar_tokens"] / totals["tidar_time"],
         "ar_forwards": totals["ar_forwards"],
@@ -98,6 +100,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per prompt")
     parser.add_argument("--out", default=None, help="also save the trained model (a trainer checkpoint) here")
     ns = parser.parse_args(argv)
+    for name in ("prompts", "new_tokens"):
+        if getattr(ns, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
     start = time.perf_counter()
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
@@ -117,6 +122,9 @@ def main(argv=None) -> dict:
           f"(AR {history[-1]['ar']:.3f}, diffusion {history[-1]['diffusion']:.3f}); held-out AR perplexity "
           f"{ev['heldout_ar_ppl']:.1f}", flush=True)
     prompts = result.datasets.heldout_prompts[:ns.prompts]
+    if not prompts:
+        raise RuntimeError(f"no held-out document is long enough for a prompt of {args.eval_prompt_len} tokens "
+                           f"(expected at least one of >= {2 * args.eval_prompt_len} tokens); got none")
     summary = compare(result.model, result.tokenizer, prompts, args.block_size, ns.new_tokens,
                       torch.device(device))
     print(f"\n=== summary over {summary['prompts']} held-out prompts (greedy, beta = 1, draft length "

@@ -87,8 +87,10 @@ class TrainArgs:
 
     def validate(self) -> None:
         check_training_shape(self.seq_len, self.block_size)
-        for name in ("batch_size", "steps", "eval_prompt_len", "eval_new_tokens"):
+        for name in ("batch_size", "steps", "eval_rows", "eval_prompt_len", "eval_new_tokens", "micro_batch_size"):
             value = getattr(self, name)
+            if name == "micro_batch_size" and value is None:  # None: batch_size / world size
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
@@ -361,9 +363,18 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: tdata
                  "sampler": sampler.state_dict(), "evaluation": evaluation,
                  "history": history or []}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # rewriting a step: the old one stays until the new one is in place
+            old = out_dir / f".old-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
