@@ -47,6 +47,9 @@ def test_load_errors(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="tidar-kernels"):
         load_pretrained(tmp_path / "hf")
+    (tmp_path / "ours" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="without model.safetensors"):
+        load_pretrained(tmp_path / "ours")
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -63,6 +66,13 @@ def test_add_mask_token_appends_mean_row(tie):
     with torch.no_grad():  # the untrained mask token never wins an argmax
         logits = model.forward_causal(torch.randint(0, 97, (2, 9)))
     assert (logits.argmax(-1) != 97).all()
+
+
+def test_add_mask_token_refuses_a_second_mask_token():
+    model = tiny()
+    with pytest.raises(ValueError, match="mask_token_id must be None"):
+        add_mask_token(model)
+    assert (model.config.vocab_size, model.config.mask_token_id) == (97, 96)
 
 
 def test_add_mask_token_uses_spare_row():

@@ -7,20 +7,14 @@ checks the usual case (drafts rejected, acc = 1).
 """
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
-from tidar_kernels.model import Transformer, TransformerConfig
+from tidar_kernels.kv_cache import KVCache
+from tidar_kernels.mask import Layout
+from tidar_kernels.model import AttentionContext, Transformer, TransformerConfig
 
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1], [4]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run many small ops: one intra-op thread is several times faster on CI's 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int, vocab_size: int = 6, **overrides) -> Transformer:
@@ -126,6 +120,71 @@ def test_beta_zero_runs_and_differs_in_general():
     result = tidar_generate(model, torch.tensor([[5, 6, 7]]), 10, 4, beta=0.0)
     assert result.lengths.tolist() == [10]
     assert result.tokens.max() < 96  # the mask token is never emitted
+    assert result.sequences() != ar_generate(model, torch.tensor([[5, 6, 7]]), 10).sequences()
+
+
+def reference_tidar_greedy(model, prompt, max_new_tokens, k, beta):
+    """TIDAR.md sections 3 and 5 spelled out, one sequence, no cache kept across steps.
+
+    Every logit comes from a fresh prefill-layout forward of its own context: ``prefill(c)``
+    gives the AR logits at the last token of ``c`` and the mask block right after ``c``.
+    So ``a_{j-1}`` and ``b_{j,*}`` of a step are ``prefill(committed + d_0..d_{j-1})``.
+    Returns the new tokens and each step's ``acc`` (the drafts ``d_1..`` only show in ``acc``).
+    """
+    mask = model.config.mask_token_id
+
+    def head(hidden):
+        logits = model.lm_head(hidden).float()
+        logits[..., mask] = torch.finfo(logits.dtype).min  # [M] is never an output
+        return logits
+
+    def prefill(context):
+        n = len(context)
+        ids = torch.tensor([context + [mask] * k])
+        positions = torch.tensor([list(range(n)) + list(range(n, n + k))])
+        cache = KVCache.for_model(model, 1, n + k)
+        lens = torch.tensor([n], dtype=torch.int32)
+        with torch.no_grad():
+            hidden = model(ids, positions, AttentionContext(Layout.PREFILL, k, cache, lens))[0]
+        return head(hidden[n - 1]), head(hidden[n:])
+
+    def verify(a, b):
+        return int((beta * a + (1 - beta) * b).argmax())
+
+    a_last, b = prefill(prompt)
+    drafts = [verify(a_last, b[0])] + b[1:].argmax(-1).tolist()
+    out, steps = [drafts[0]], []
+    while len(out) < max_new_tokens:
+        committed = prompt + out[:-1]  # d_0 is emitted but its K/V not yet committed
+        verdicts, blocks = [], []
+        for j in range(1, k + 1):
+            a_prev, block = prefill(committed + drafts[:j])
+            verdicts.append(verify(a_prev, block[0]))  # v_j
+            blocks.append(block)
+        accepted = 1
+        while accepted < k and drafts[accepted] == verdicts[accepted - 1]:
+            accepted += 1
+        out += verdicts[:accepted]
+        steps.append(accepted)
+        drafts = [verdicts[accepted - 1]] + blocks[accepted - 1][1:].argmax(-1).tolist()
+    return out[:max_new_tokens], steps
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.8, 1.0], ids=lambda b: f"beta{b}")
+@pytest.mark.parametrize("seed", [2, 4], ids=lambda s: f"seed{s}")  # seeds whose drafts often pass
+def test_greedy_matches_reference_for_any_beta(seed, beta):
+    """Tokens (beta < 1: the blocks' first slots decide them) and acceptances (the drafts from block ``acc``)."""
+    model = tiny_model(seed)
+    ids, lens = pad_prompts(PROMPTS)
+    for k in (1, 3, 4):
+        result = tidar_generate(model, ids, 9, k, beta=beta, prompt_lens=lens)
+        expected = [reference_tidar_greedy(model, prompt, 9, k, beta) for prompt in PROMPTS]
+        assert result.sequences() == [tokens for tokens, _ in expected]
+        histogram = [0] * (k + 1)
+        for _, steps in expected:
+            for accepted in steps:
+                histogram[accepted] += 1
+        assert result.acceptance_histogram == histogram
 
 
 # ----------------------------------------------------------------------------

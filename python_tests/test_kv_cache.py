@@ -105,3 +105,18 @@ def test_bad_sizes(name):
     sizes = dict(n_layers=1, batch=1, max_len=4, n_kv_heads=1, head_dim=2) | {name: 0}
     with pytest.raises(ValueError, match=name):
         KVCache(**sizes)
+
+
+def test_commit_and_reset_check_their_input():
+    cache = KVCache(n_layers=1, batch=2, max_len=6, n_kv_heads=1, head_dim=2)
+    cache.reset([2, 6])
+    for bad in (torch.tensor([1]), torch.tensor([1.0, 2.0]), [1, 2]):
+        with pytest.raises(ValueError, match="counts must be an integer tensor"):
+            cache.commit(bad)
+    for bad, match in (([1], "lengths must be integers"), ([0, 7], "lengths must lie in"), ([-1, 0], "must lie in")):
+        with pytest.raises(ValueError, match=match):
+            cache.reset(bad)
+    assert cache.seqlens.tolist() == [2, 6]  # nothing changed by the refused calls
+    cache.reset(torch.tensor([3, 1], dtype=torch.int32))
+    cache.commit(torch.tensor([1, 2]))
+    assert cache.seqlens.tolist() == [4, 3]

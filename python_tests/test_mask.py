@@ -134,6 +134,15 @@ def test_decode_position_ids_follow_tokens_and_batch_form(prefix, k):
     assert torch.equal(batched[1] - 3, pos)
 
 
+def test_position_ids_live_on_the_device_of_the_lengths():
+    """Batched positions follow ``start`` / ``context_len``'s device (a CPU tensor there breaks CUDA prefill)."""
+    lens = torch.tensor([2, 4], dtype=torch.int32)
+    pos = M.local_position_ids(Layout.PREFILL, 7, 4, 3, context_len=lens)
+    assert pos.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
+    assert M.local_position_ids(Layout.PREFILL, 7, 4, 3, context_len=lens.to("meta")).device.type == "meta"
+    assert M.local_position_ids(Layout.DECODE, 6, 2, 2, start=lens.to("meta")).device.type == "meta"
+
+
 def test_prefill_and_training_position_ids_from_compact_form():
     pos = M.local_position_ids(Layout.PREFILL, 7, 5, 2, context_len=3)
     assert pos.tolist() == [0, 1, 2, 3, 4, 3, 4]  # padded prompt rows 3,4 then the block at L=3

@@ -117,6 +117,9 @@ def test_bad_input():
         TransformerConfig.from_name("tiny", n_kv_heads=3)
     with pytest.raises(ValueError, match="mask_token_id"):
         TransformerConfig.from_name("tiny", mask_token_id=97)
+    for name in ("rope_theta", "norm_eps"):
+        with pytest.raises(ValueError, match=f"{name} must be > 0"):
+            TransformerConfig.from_name("tiny", **{name: 0.0})
 
 
 def test_attention_context_errors():

@@ -8,17 +8,10 @@ import itertools
 
 import pytest
 import torch
+from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.generate import ar_generate, sample, speculative_accept, tidar_generate, warp
 from tidar_kernels.model import Transformer, TransformerConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -50,6 +43,12 @@ def test_sample_follows_weights():
     draws = sample(weights.expand(40000, 4), torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=4)
     assert chi_square_pvalue(counts, weights / weights.sum()) > 1e-3
+
+
+def test_sample_never_picks_a_zero_weight_on_a_zero_race(monkeypatch):
+    """An exponential race of exactly 0 must not turn 0/0 into NaN, which argmax would pick."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *args, **kwargs: self.zero_())
+    assert sample(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])).tolist() == [1, 2]
 
 
 @pytest.mark.parametrize("case", range(4))

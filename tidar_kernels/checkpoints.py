@@ -78,11 +78,16 @@ def load_pretrained(directory, device=None, dtype: torch.dtype = torch.float32) 
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_path} must be a {FORMAT!r} config (use load_hf for Hugging Face "
                          f"directories), got format {meta.get('format')!r}")
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ValueError(f"directory must hold {CONFIG_FILE} and {WEIGHTS_FILE} from save_pretrained, "
+                         f"got {str(directory)!r} without {WEIGHTS_FILE}")
     config = TransformerConfig.from_dict(meta["config"])
-    return _build(config, load_file(str(directory / WEIGHTS_FILE)), device, dtype)
+    return _build(config, load_file(str(weights_path)), device, dtype)
 
 
 def _build(config: TransformerConfig, state: dict, device, dtype) -> Transformer:
+    """A :class:`Transformer` holding exactly ``state`` (strict), without initialising weights first."""
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state, assign=True, strict=True)
@@ -194,6 +199,9 @@ def add_mask_token(model: Transformer, tokenizer_size: Optional[int] = None) -> 
     (unused, so untrained), else appends a row. Returns ``model`` (modified in place).
     """
     config = model.config
+    if config.mask_token_id is not None:
+        raise ValueError(f"model.config.mask_token_id must be None (add_mask_token adds one), "
+                         f"got {config.mask_token_id}")
     vocab = config.vocab_size
     if tokenizer_size is not None and tokenizer_size < vocab:
         mask_id = tokenizer_size
@@ -215,6 +223,7 @@ def add_mask_token(model: Transformer, tokenizer_size: Optional[int] = None) -> 
 
 
 def _grow(embedding: torch.nn.Embedding) -> torch.nn.Embedding:
+    """A copy of ``embedding`` with one more (uninitialised) row at the end."""
     weight = embedding.weight
     grown = torch.nn.Embedding(weight.shape[0] + 1, weight.shape[1], device=weight.device, dtype=weight.dtype)
     grown.weight.data[:-1] = weight

@@ -66,6 +66,7 @@ class GenerationResult:
 
     @property
     def tokens_per_second(self) -> float:
+        """New tokens of the whole batch per second of wall time (prefill and validation included)."""
         return float(self.lengths.sum()) / self.wall_time if self.wall_time > 0 else float("inf")
 
 
@@ -102,6 +103,9 @@ def sample(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -
     synchronises.
     """
     race = torch.empty_like(weights, dtype=torch.float32).exponential_(1.0, generator=generator)
+    # A race of exactly 0 would give 0/0 = NaN at a zero-weight token, and argmax picks NaN: a token
+    # the warp forbade. Clamping to the smallest normal float changes no law (a measure-zero event).
+    race.clamp_(min=torch.finfo(torch.float32).tiny)
     return (weights.float() / race).argmax(dim=-1)
 
 
@@ -142,6 +146,8 @@ def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor, target_p
 
 @dataclass
 class _Sampling:
+    """How tokens are picked: argmax at ``temperature = 0``, else drawn from :func:`warp`'s law."""
+
     temperature: float
     top_k: Optional[int]
     top_p: Optional[float]
@@ -238,7 +244,8 @@ class _Loop:
         """Hand sequence 0's new tokens to ``stream``, up to ``max_new_tokens`` or a stop token."""
         upto = min(int(self.emitted[0]), self.max_new_tokens)
         tokens = self.out[0, streamed:upto].tolist()
-        stops = [i for i, t in enumerate(tokens) if t in self.stop_tokens.tolist()]
+        stop_tokens = set(self.stop_tokens.tolist())
+        stops = [i for i, t in enumerate(tokens) if t in stop_tokens]
         if stops:  # nothing after the first stop token is ever handed out
             tokens, upto = tokens[:stops[0] + 1], self.max_new_tokens
         if tokens:
@@ -246,6 +253,7 @@ class _Loop:
         return max(upto, streamed)
 
     def result(self, forwards: int, wall_start: float, pad_token_id: int) -> GenerationResult:
+        """Tokens cut at ``max_new_tokens`` and at each sequence's first stop token, and the statistics."""
         tokens = self.out[:, :self.max_new_tokens].cpu()
         lengths = self.emitted.clamp(max=self.max_new_tokens).cpu()
         if self.stop_tokens.numel():  # end at the first stop token (a step may emit past it)
@@ -274,7 +282,8 @@ class _TidarLoop(_Loop):
         self.mask_blocks = torch.full((batch, k * k), self.mask_token_id, dtype=torch.long, device=device)
 
     def mix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.beta * a + (1.0 - self.beta) * b if self.beta < 1.0 else a
+        """``beta * a + (1 - beta) * b`` in fp32 like :func:`tidar_kernels.accept_drafts` (``a`` at ``beta = 1``)."""
+        return self.beta * a.float() + (1.0 - self.beta) * b.float() if self.beta < 1.0 else a
 
     def set_drafts(self, first: torch.Tensor, rest_logits: torch.Tensor) -> None:
         """``d_0 = first`` (already fixed by the verifier); ``d_1..d_{k-1}`` from diffusion logits."""
@@ -334,6 +343,7 @@ class _ArLoop(_Loop):
         self.token = torch.zeros(self.prompt_ids.shape[0], 1, dtype=torch.long, device=self.prompt_ids.device)
 
     def prefill(self) -> None:
+        """The prompt, causal, into the cache; the first token from the last real prompt row."""
         batch, padded = self.prompt_ids.shape
         positions = torch.arange(padded, device=self.prompt_ids.device).expand(batch, padded)
         hidden = self.model(self.prompt_ids, positions, AttentionContext(Layout.CAUSAL, cache=self.cache))
@@ -343,6 +353,7 @@ class _ArLoop(_Loop):
         self.emit(self.token, torch.ones_like(self.emitted))
 
     def step(self) -> None:
+        """One token per active sequence: its K/V is committed, the next token picked (no host sync)."""
         active = ~self.done
         positions = self.cache.seqlens.long()[:, None]
         hidden = self.model(self.token, positions, AttentionContext(Layout.CAUSAL, cache=self.cache))
@@ -419,6 +430,7 @@ class _Setup(NamedTuple):
 
 
 def _finish(loop: _Loop, setup: _Setup, start: float, pad_token_id, cuda_graph, stream) -> GenerationResult:
+    """Run ``loop`` (graph-captured on CUDA unless a custom generator is given) and collect its result."""
     on_cuda = loop.prompt_ids.device.type == "cuda"
     use_graph = cuda_graph and on_cuda and setup.sampling.generator is None
     # Each step emits >= 1 token per active sequence, and the prefill emits the first.
@@ -485,6 +497,7 @@ def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, to
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is a Python int (not bool) ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 

@@ -257,7 +257,8 @@ def local_position_ids(layout: Layout, num_rows: int, clean_rows: int, block_siz
     Works with ``start``/``context_len`` as ints or as ``[batch]`` tensors (then the
     result is ``[batch, num_rows]``), so a decode step builds them on the device.
     """
-    rows = torch.arange(num_rows, device=start.device if isinstance(start, torch.Tensor) else None)
+    device = next((t.device for t in (start, context_len) if isinstance(t, torch.Tensor)), None)
+    rows = torch.arange(num_rows, device=device)
     if isinstance(start, torch.Tensor):
         start = start.long()[:, None]
     if isinstance(context_len, torch.Tensor):

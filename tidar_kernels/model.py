@@ -73,6 +73,9 @@ class TransformerConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must lie in [0, vocab_size={self.vocab_size}) or be None, "
                              f"got {self.mask_token_id}")
@@ -85,10 +88,12 @@ class TransformerConfig:
         return dataclasses.replace(CONFIGS[name], **overrides)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (the ``config`` entry of our checkpoints)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TransformerConfig":
+        """Inverse of :meth:`to_dict`; unknown fields are an error (missing ones take their defaults)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -149,6 +154,7 @@ class AttentionContext:
                              f"{self.layout.name} with prompt_lens {'set' if self.prompt_lens is not None else 'None'}")
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, T, q_heads, head_dim]`` of ``layer`` through this context's tidar op."""
         if self.cache is None:
             if self.layout == Layout.TRAINING:
                 return ops.training_attention(q, k, v, self.block_size)
@@ -197,6 +203,8 @@ def rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.T
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE at explicit positions (optional qkv bias and qk-norm)."""
+
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
         self.config, self.layer = config, layer
@@ -235,6 +243,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm residual block: ``x + attention(norm(x))``, then ``x + ffn(norm(x))``."""
+
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
@@ -248,6 +258,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Decoder-only transformer (embedding, blocks, final norm, tied or untied LM head)."""
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
