@@ -33,6 +33,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 #include "tidar_mask.h"
@@ -52,26 +54,21 @@ constexpr float kLog2e = 1.4426950408889634f;
 // ---------------------------------------------------------------------------
 
 template <bool kIsBF16>
-struct Element;
-
-template <>
-struct Element<false> {
-  using type = __half;
+struct Element {
+  using type = std::conditional_t<kIsBF16, __nv_bfloat16, __half>;
+  // Two fp32 values rounded to one 32-bit register (lo in the low half), as mma.sync takes them.
   __device__ static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    std::conditional_t<kIsBF16, __nv_bfloat162, __half2> pair;
+    if constexpr (kIsBF16) pair = __floats2bfloat162_rn(lo, hi);
+    else pair = __floats2half2_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof(bits));
+    return bits;
   }
-  __device__ static type from_float(float x) { return __float2half_rn(x); }
-};
-
-template <>
-struct Element<true> {
-  using type = __nv_bfloat16;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+  __device__ static type from_float(float x) {
+    if constexpr (kIsBF16) return __float2bfloat16_rn(x);
+    else return __float2half_rn(x);
   }
-  __device__ static type from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 // ---------------------------------------------------------------------------

@@ -84,16 +84,30 @@ def _row_ranges(LAYOUT: tl.constexpr, t, t_ok, clean_rows, block_size, context_l
 
 
 @triton.jit
+def _segments(clean_end, block_start, block_end, t_ok, BLOCK_N: tl.constexpr):
+    """Key-tile bounds of a row tile with ranges ``(clean_end, block_start, block_end)``.
+
+    Returns ``(full_end, clean_hi, block_lo, block_hi)``: segment A is FULL tiles
+    ``[0, full_end)`` then PARTIAL tiles ``[full_end, clean_hi)``; segment B is the
+    PARTIAL tiles ``[block_lo, block_hi)`` (empty when no row has a block).
+    """
+    clean_hi = tl.max(clean_end, 0)
+    clean_lo = tl.min(tl.where(t_ok, clean_end, _BIG), 0)
+    full_end = tl.minimum((clean_lo // BLOCK_N) * BLOCK_N, clean_hi)
+    block_lo = tl.min(tl.where(block_end > block_start, block_start, _BIG), 0)
+    block_hi = tl.max(block_end, 0)
+    return full_end, clean_hi, block_lo, block_hi
+
+
+@triton.jit
 def _attend_masked(acc, m_i, l_i, q, t, t_ok, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                    clean_rows, block_size, context_len, qk_scale, offs_n, offs_d, d_ok,
                    LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Rows ``t`` attend over the forward's own keys under the TiDAR rule (segments A and B)."""
     clean_end, block_start, block_end = _row_ranges(LAYOUT, t, t_ok, clean_rows, block_size, context_len)
-    # Segment A: the clean prefix. FULL tiles up to the smallest clean_end, PARTIAL after.
-    clean_hi = tl.max(clean_end, 0)
-    clean_lo = tl.min(tl.where(t_ok, clean_end, _BIG), 0)
-    full_end = tl.minimum((clean_lo // BLOCK_N) * BLOCK_N, clean_hi)
+    full_end, clean_hi, block_lo, block_hi = _segments(clean_end, block_start, block_end, t_ok, BLOCK_N)
     no_lo = tl.zeros_like(clean_end)
+    # Segment A: the clean prefix. FULL tiles up to the smallest clean_end, PARTIAL after.
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                      n0, clean_hi, no_lo, clean_end, qk_scale, offs_n, offs_d, d_ok,
@@ -103,8 +117,6 @@ def _attend_masked(acc, m_i, l_i, q, t, t_ok, k_base, v_base, stride_kn, stride_
                                      n0, clean_hi, no_lo, clean_end, qk_scale, offs_n, offs_d, d_ok,
                                      MASKED=True, PRECISION=PRECISION)
     # Segment B: the rows' own mask blocks (clean rows have an empty block range).
-    block_lo = tl.min(tl.where(block_end > block_start, block_start, _BIG), 0)
-    block_hi = tl.max(block_end, 0)
     for n0 in range(block_lo, block_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                      n0, block_hi, block_start, block_end, qk_scale, offs_n, offs_d, d_ok,
@@ -136,6 +148,26 @@ def _attend_dense(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride
 
 
 @triton.jit
+def _query_tile(num_rows, num_heads, group, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program of a ``(cdiv(T, BLOCK_M), batch * q_heads)`` grid: its batch (int64), query head,
+    KV head, rows ``t`` (and int64 copy), head-dim offsets and the masks of its row tile."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = t < num_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    return pid_bh, b, h, h // group, t, t_ok, t.to(tl.int64), offs_d, d_ok, t_ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _rows_ptr(base, b, h, t64, offs_d, s_b, s_t, s_h, s_d):
+    """Pointers to rows ``t64`` of head ``h`` of batch ``b`` of a ``[batch, seq, heads, head_dim]`` tensor."""
+    return base + b * s_b + h * s_h + t64[:, None] * s_t + offs_d[None, :] * s_d
+
+
+@triton.jit
 def attention_fwd_kernel(Q, K, V, Out, Lse,
                          sq_b, sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d,
                          sv_b, sv_t, sv_h, sv_d, so_b, so_t, so_h, so_d,
@@ -146,19 +178,10 @@ def attention_fwd_kernel(Q, K, V, Out, Lse,
 
     Writes ``Out`` and the natural-log ``Lse [batch, q_heads, T]`` (fp32) for backward.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
-    hk = h // group
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_ok = t < num_rows
-    t64 = t.to(tl.int64)
+    pid_bh, b, h, hk, t, t_ok, t64, offs_d, d_ok, q_mask = _query_tile(num_rows, num_heads, group, head_dim,
+                                                                        BLOCK_M, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    q_mask = t_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + t64[:, None] * sq_t + offs_d[None, :] * sq_d, mask=q_mask, other=0.0)
+    q = tl.load(_rows_ptr(Q, b, h, t64, offs_d, sq_b, sq_t, sq_h, sq_d), mask=q_mask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -169,8 +192,7 @@ def attention_fwd_kernel(Q, K, V, Out, Lse,
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(Out + b * so_b + h * so_h + t64[:, None] * so_t + offs_d[None, :] * so_d,
-             out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(_rows_ptr(Out, b, h, t64, offs_d, so_b, so_t, so_h, so_d), out.to(Out.dtype.element_ty), mask=q_mask)
     lse = (m_i + tl.log2(l_safe)) * _LN2
     tl.store(Lse + pid_bh.to(tl.int64) * num_rows + t64, lse, mask=t_ok)
 
@@ -192,9 +214,8 @@ def attention_bwd_preprocess_kernel(Out, DOut, Delta, so_b, so_t, so_h, so_d, sd
     t64 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (t64 < num_rows)[:, None] & (offs_d < head_dim)[None, :]
-    o = tl.load(Out + b * so_b + h * so_h + t64[:, None] * so_t + offs_d[None, :] * so_d, mask=mask, other=0.0)
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + t64[:, None] * sdo_t + offs_d[None, :] * sdo_d, mask=mask,
-                 other=0.0)
+    o = tl.load(_rows_ptr(Out, b, h, t64, offs_d, so_b, so_t, so_h, so_d), mask=mask, other=0.0)
+    do = tl.load(_rows_ptr(DOut, b, h, t64, offs_d, sdo_b, sdo_t, sdo_h, sdo_d), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * num_rows + t64, delta, mask=t64 < num_rows)
 
@@ -226,21 +247,11 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
                             LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Grid ``(cdiv(T, BLOCK_M), batch * q_heads)``: dQ of one query tile, same key tiles as forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = pid_bh % num_heads
-    hk = h // group
-    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    t_ok = t < num_rows
-    t64 = t.to(tl.int64)
+    pid_bh, b, h, hk, t, t_ok, t64, offs_d, d_ok, row_mask = _query_tile(num_rows, num_heads, group, head_dim,
+                                                                          BLOCK_M, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    row_mask = t_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + t64[:, None] * sq_t + offs_d[None, :] * sq_d, mask=row_mask, other=0.0)
-    do = tl.load(DOut + b * sdo_b + h * sdo_h + t64[:, None] * sdo_t + offs_d[None, :] * sdo_d, mask=row_mask,
-                 other=0.0)
+    q = tl.load(_rows_ptr(Q, b, h, t64, offs_d, sq_b, sq_t, sq_h, sq_d), mask=row_mask, other=0.0)
+    do = tl.load(_rows_ptr(DOut, b, h, t64, offs_d, sdo_b, sdo_t, sdo_h, sdo_d), mask=row_mask, other=0.0)
     # Rows past the end get lse = +inf, so P = 0 there.
     lse2 = tl.load(Lse + pid_bh.to(tl.int64) * num_rows + t64, mask=t_ok, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + pid_bh.to(tl.int64) * num_rows + t64, mask=t_ok, other=0.0)
@@ -250,9 +261,7 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     clean_end, block_start, block_end = _row_ranges(LAYOUT, t, t_ok, clean_rows, block_size, 0)
     # Same tiles as _attend_masked: segment A (full, then partial), then segment B.
-    clean_hi = tl.max(clean_end, 0)
-    clean_lo = tl.min(tl.where(t_ok, clean_end, _BIG), 0)
-    full_end = tl.minimum((clean_lo // BLOCK_N) * BLOCK_N, clean_hi)
+    full_end, clean_hi, block_lo, block_hi = _segments(clean_end, block_start, block_end, t_ok, BLOCK_N)
     no_lo = tl.zeros_like(clean_end)
     for n0 in range(0, full_end, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, n0, clean_hi, no_lo,
@@ -260,13 +269,11 @@ def attention_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ,
     for n0 in range(full_end, clean_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, n0, clean_hi, no_lo,
                       clean_end, qk_scale, offs_n, offs_d, d_ok, MASKED=True, PRECISION=PRECISION)
-    block_lo = tl.min(tl.where(block_end > block_start, block_start, _BIG), 0)
-    block_hi = tl.max(block_end, 0)
     for n0 in range(block_lo, block_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, sk_t, sk_d, sv_t, sv_d, n0, block_hi, block_start,
                       block_end, qk_scale, offs_n, offs_d, d_ok, MASKED=True, PRECISION=PRECISION)
-    tl.store(DQ + b * sdq_b + h * sdq_h + t64[:, None] * sdq_t + offs_d[None, :] * sdq_d,
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    tl.store(_rows_ptr(DQ, b, h, t64, offs_d, sdq_b, sdq_t, sdq_h, sdq_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask)
 
 
 @triton.jit
@@ -293,8 +300,8 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     kv_mask = (cols < num_rows)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk_b + hk * sk_h + cols64[:, None] * sk_t + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + cols64[:, None] * sv_t + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    k = tl.load(_rows_ptr(K, b, hk, cols64, offs_d, sk_b, sk_t, sk_h, sk_d), mask=kv_mask, other=0.0)
+    v = tl.load(_rows_ptr(V, b, hk, cols64, offs_d, sv_b, sv_t, sv_h, sv_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -312,10 +319,8 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
             for g in range(0, group):
                 h = hk * group + g
                 bh = b * num_heads + h
-                q = tl.load(Q + b * sq_b + h * sq_h + t64[:, None] * sq_t + offs_d[None, :] * sq_d, mask=row_mask,
-                            other=0.0)
-                do = tl.load(DOut + b * sdo_b + h * sdo_h + t64[:, None] * sdo_t + offs_d[None, :] * sdo_d,
-                             mask=row_mask, other=0.0)
+                q = tl.load(_rows_ptr(Q, b, h, t64, offs_d, sq_b, sq_t, sq_h, sq_d), mask=row_mask, other=0.0)
+                do = tl.load(_rows_ptr(DOut, b, h, t64, offs_d, sdo_b, sdo_t, sdo_h, sdo_d), mask=row_mask, other=0.0)
                 lse2 = tl.load(Lse + bh * num_rows + t64, mask=t_ok, other=float("inf")) * _LOG2E
                 delta = tl.load(Delta + bh * num_rows + t64, mask=t_ok, other=0.0)
                 p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
@@ -327,10 +332,10 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
                 ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    tl.store(DK + b * sdk_b + hk * sdk_h + cols64[:, None] * sdk_t + offs_d[None, :] * sdk_d,
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdv_b + hk * sdv_h + cols64[:, None] * sdv_t + offs_d[None, :] * sdv_d,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_rows_ptr(DK, b, hk, cols64, offs_d, sdk_b, sdk_t, sdk_h, sdk_d), (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(_rows_ptr(DV, b, hk, cols64, offs_d, sdv_b, sdv_t, sdv_h, sdv_d), dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------
@@ -342,8 +347,8 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
 def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, ContextLens, Out, OPart, LsePart,
                             sq_b, sq_t, sq_h, sq_d, skn_b, skn_t, skn_h, skn_d, svn_b, svn_t, svn_h, svn_d,
                             skc_b, skc_t, skc_h, skc_d, svc_b, svc_t, svc_h, svc_d, so_b, so_t, so_h, so_d,
-                            num_rows, num_kv_heads, group, clean_rows, block_size, rows_written, qk_scale, head_dim,
-                            LAYOUT: tl.constexpr, HAS_CONTEXT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                            num_rows, num_kv_heads, group, clean_rows, block_size, rows_written, max_len, qk_scale,
+                            head_dim, LAYOUT: tl.constexpr, HAS_CONTEXT: tl.constexpr, NUM_SPLITS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
     """Grid ``(NUM_SPLITS, cdiv(T * group, BLOCK_M), batch * kv_heads)``.
@@ -361,13 +366,17 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     Every program also copies its share of the first ``rows_written`` step rows of
     ``KNew``/``VNew`` into the cache at ``[n_b, n_b + rows_written)``. No program reads
     those cache rows (reads stop at ``n_b``), so the copy needs no ordering.
+
+    ``n_b`` is clamped to ``[0, max_len]`` and the copy stops at ``max_len``, like the
+    CUDA kernel: the host check of ``n_b + rows <= max_len`` is skipped inside a CUDA
+    graph, and a bad length must not read or write outside the cache.
     """
     split = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = pid_bh % num_kv_heads
-    n_cached = tl.load(CacheSeqlens + b)
+    n_cached = tl.minimum(tl.maximum(tl.load(CacheSeqlens + b), 0), max_len)
     packed = num_rows * group
     r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < packed
@@ -406,14 +415,12 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     num_programs = NUM_SPLITS * tl.num_programs(1)
     for w0 in range(program * BLOCK_N, rows_written, num_programs * BLOCK_N):
         w = (w0 + offs_n).to(tl.int64)
-        w_mask = (w < rows_written)[:, None] & d_ok[None, :]
         dst = n_cached.to(tl.int64) + w
-        k_rows = tl.load(KNew + b * skn_b + hk * skn_h + w[:, None] * skn_t + offs_d[None, :] * skn_d, mask=w_mask)
-        tl.store(KCache + b * skc_b + hk * skc_h + dst[:, None] * skc_t + offs_d[None, :] * skc_d, k_rows,
-                 mask=w_mask)
-        v_rows = tl.load(VNew + b * svn_b + hk * svn_h + w[:, None] * svn_t + offs_d[None, :] * svn_d, mask=w_mask)
-        tl.store(VCache + b * svc_b + hk * svc_h + dst[:, None] * svc_t + offs_d[None, :] * svc_d, v_rows,
-                 mask=w_mask)
+        w_mask = ((w < rows_written) & (dst < max_len))[:, None] & d_ok[None, :]
+        k_rows = tl.load(_rows_ptr(KNew, b, hk, w, offs_d, skn_b, skn_t, skn_h, skn_d), mask=w_mask)
+        tl.store(_rows_ptr(KCache, b, hk, dst, offs_d, skc_b, skc_t, skc_h, skc_d), k_rows, mask=w_mask)
+        v_rows = tl.load(_rows_ptr(VNew, b, hk, w, offs_d, svn_b, svn_t, svn_h, svn_d), mask=w_mask)
+        tl.store(_rows_ptr(VCache, b, hk, dst, offs_d, svc_b, svc_t, svc_h, svc_d), v_rows, mask=w_mask)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

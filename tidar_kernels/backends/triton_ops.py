@@ -113,7 +113,9 @@ def _cached_blocks(dtype: torch.dtype, packed_rows: int, block_d: int) -> tuple[
     """
     cap = 64 if dtype == torch.float32 else 128
     block_m = min(cap, max(16, triton.next_power_of_2(packed_rows)))
-    block_n = 128 if block_m <= 32 and dtype != torch.float32 else 64
+    # 128-key tiles only for head dims <= 64: at head dim 128 with 16-32 rows, ptxas
+    # (Triton 3.9, sm_90) spills ~10 KB per thread with 128-key tiles, <1 KB with 64.
+    block_n = 128 if block_m <= 32 and block_d <= 64 and dtype != torch.float32 else 64
     if dtype == torch.float32 and block_d >= 128:
         block_n = 32
     return block_m, block_n
@@ -227,14 +229,16 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens if has_context else cache_seqlens,
         out, o_part, lse_part, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(),
         *v_cache.stride(), *out.stride(),
-        num_rows, num_kv_heads, group, clean_rows, block_size, written, scale * kernels.LOG2E, head_dim,
+        num_rows, num_kv_heads, group, clean_rows, block_size, written, k_cache.shape[1], scale * kernels.LOG2E,
+        head_dim,
         LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=_precision(q.dtype),
         num_warps=_warps(block_m, block_d), num_stages=_stages(q.dtype))
     if splits > 1:
-        _LAUNCH_MERGE[(triton.cdiv(packed_rows, 64), batch * num_kv_heads)](
+        # 32 rows: with 64 rows x head dim 128 in fp32 the merge spills registers on sm_90.
+        _LAUNCH_MERGE[(triton.cdiv(packed_rows, 32), batch * num_kv_heads)](
             o_part, lse_part, out, *out.stride(), num_rows, num_kv_heads, group, head_dim,
-            NUM_SPLITS=splits, BLOCK_M=64, BLOCK_D=block_d)
+            NUM_SPLITS=splits, BLOCK_M=32, BLOCK_D=block_d)
     return out
 
 
