@@ -55,6 +55,27 @@ class Backend:
     auto_on_cpu: bool = False
 
 
+def register_attention_autograd(forward_op, backward_op) -> None:
+    """Autograd of a backend's cache-free attention op ``(q, k, v, layout, block_size, scale) -> (out, lse)``.
+
+    Saves q, k, v, out and lse; the backward op recomputes the probabilities from
+    ``lse`` (flash-attention style) and returns ``(dq, dk, dv)``. The ``lse`` output
+    carries no gradient: callers only use ``out``.
+    """
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, layout, block_size, scale = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
 _MODULES = {"reference": ".reference_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, Call
+from . import Backend, Call, register_attention_autograd
 from . import reference
 
 
@@ -38,20 +38,7 @@ def _(dout, q, k, v, out, lse, layout, block_size, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, layout, block_size, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.layout, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(attention_fwd, attention_bwd)
 
 
 @torch.library.custom_op("tidar::cached_attention_reference", mutates_args=("k_cache", "v_cache"))

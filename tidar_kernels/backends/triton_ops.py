@@ -29,7 +29,7 @@ import triton  # without triton this raises ImportError: the registry reads "bac
 from torch.library import triton_op, wrap_triton
 
 from ..mask import Layout, layout_clean_rows, rows_written_to_cache
-from . import Backend, Call
+from . import Backend, Call, register_attention_autograd
 from . import triton_kernels as kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -180,20 +180,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return dq, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, layout, block_size, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _BWD(dout, q, k, v, out, lse, ctx.layout, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(attention_fwd, torch.ops.tidar.attention_bwd_triton.default)
 
 
 @triton_op("tidar::cached_attention_triton", mutates_args=("k_cache", "v_cache"))
@@ -244,7 +231,6 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
 # Op handles bound once: dispatch through them costs no attribute lookups per call.
 _FWD = torch.ops.tidar.attention_fwd_triton.default
-_BWD = torch.ops.tidar.attention_bwd_triton.default
 _CACHED = torch.ops.tidar.cached_attention_triton.default
 
 
