@@ -137,10 +137,6 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
 
 def setup_distributed(device: Optional[str]) -> Dist:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1), nccl on GPU, gloo on CPU."""
@@ -531,10 +527,15 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in evaluation.items()))
         if out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0)):
+            failure = None
             if dist_.main:
-                checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler, args,
-                                             evaluation or None, history)
-            dist_.barrier()
+                try:
+                    checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
+                                                 args, evaluation or None, history)
+                except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
+                    failure = error
+            if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
+                raise failure or RuntimeError(f"rank 0 failed to save the checkpoint of step {done}; see its log")
     bar.close()
     return TrainResult(model=model, tokenizer=tokenizer, history=history, evaluation=evaluation,
                        checkpoint=checkpoint, datasets=datasets, train_seconds=train_seconds)
