@@ -184,3 +184,19 @@ def test_backend_selection(monkeypatch):
         backends.select(call, "fast")
     with pytest.raises(ValueError, match="backend='cuda'"):
         backends.select(call, "cuda")  # strict when named: no CUDA tensors here
+
+
+def test_cuda_backend_is_never_picked_automatically(monkeypatch):
+    """Until validated on a GPU the CUDA kernels are opt-in: automatic selection on CUDA
+    tensors gives Triton (or the reference), never "cuda"; naming it still works."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    decode = backends.Call(backends.CACHED_ATTENTION, cuda, torch.float16, 64, 3)
+    accept = backends.Call(backends.ACCEPT_DRAFTS, cuda, torch.float16, 0, 3)
+    assert backends.select(decode, None).name == ("triton" if backends.load("triton") else "reference")
+    assert backends.select(accept, None).name == "reference"  # Triton has no accept kernel
+    if backends.load("cuda") is not None:
+        assert backends.load("cuda").automatic_on == ()
+    if backends.load("cuda") is not None and torch.cuda.is_available():  # supports() asks the device
+        monkeypatch.setenv(backends.ENV_VAR, "cuda")
+        assert backends.select(decode, None).name == "cuda"

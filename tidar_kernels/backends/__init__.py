@@ -6,8 +6,11 @@ in :mod:`tidar_kernels.ops` validate their inputs, then call :func:`select` once
 per call: the ``backend=`` argument (strict: an unsupported call is an error) >
 the ``TIDAR_BACKEND`` environment variable (a preference: falls back when that
 backend does not support the call) > the first supporting backend in
-:data:`PREFERENCE` ("triton", "cuda", "reference"). On CPU tensors automatic
-selection always gives the reference; the Triton interpreter must be named.
+:data:`PREFERENCE` ("cuda", "triton", "reference") among those picked
+automatically on the call's device (:attr:`Backend.automatic_on`). On CPU
+tensors that is the reference alone (the Triton interpreter must be named); the
+CUDA backend is not picked automatically until it has been validated and timed
+on a GPU.
 """
 from __future__ import annotations
 
@@ -18,11 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-# Triton first: its kernels are checked end to end against the reference (through the
-# interpreter in CI). The hand-written CUDA decode kernel has not yet been validated
-# and timed on a GPU; it is used when named (backend="cuda" or TIDAR_BACKEND=cuda)
-# until bench/attention.py shows where it is faster, which then decides this order.
-PREFERENCE = ("triton", "cuda", "reference")
+PREFERENCE = ("cuda", "triton", "reference")
 ENV_VAR = "TIDAR_BACKEND"
 
 # op names a backend may implement
@@ -50,9 +49,9 @@ class Backend:
     attention: Optional[Callable] = None
     cached_attention: Optional[Callable] = None
     accept_drafts: Optional[Callable] = None
-    # Picked automatically for CPU tensors? Only the reference is: the Triton
-    # interpreter runs on the CPU but only when asked for by name.
-    auto_on_cpu: bool = False
+    # Device types on which the backend is picked without being named. A backend
+    # named by the argument or TIDAR_BACKEND is used wherever it supports the call.
+    automatic_on: tuple[str, ...] = ("cuda",)
 
 
 def register_attention_autograd(forward_op, backward_op) -> None:
@@ -118,12 +117,11 @@ def select(call: Call, requested: Optional[str]) -> Backend:
     preferred = os.environ.get(ENV_VAR) or None
     if preferred is not None and preferred not in _MODULES:
         raise ValueError(f"{ENV_VAR} must be one of {sorted(_MODULES)}, got {preferred!r}")
-    order = ((preferred,) if preferred else ()) + PREFERENCE
-    for name in order:
+    if preferred is not None and _supports(load(preferred), call):
+        return load(preferred)
+    for name in PREFERENCE:
         backend = load(name)
-        if call.device.type == "cpu" and backend is not None and not backend.auto_on_cpu:
-            continue
-        if _supports(backend, call):
+        if backend is not None and call.device.type in backend.automatic_on and _supports(backend, call):
             return backend
     raise RuntimeError(f"no backend supports {call}")  # unreachable: the reference supports all
 

@@ -64,4 +64,7 @@ BACKEND = Backend(
     supports=_supports,
     cached_attention=torch.ops.tidar.cached_attention_cuda.default,
     accept_drafts=torch.ops.tidar.accept_drafts_cuda.default,
+    # Opt-in (backend="cuda" or TIDAR_BACKEND=cuda) until the kernels have been checked
+    # against the reference and timed on a GPU; bench/attention.py then decides.
+    automatic_on=(),
 )

@@ -76,5 +76,5 @@ BACKEND = Backend(
     attention=lambda q, k, v, layout, block_size, scale: attention_fwd(q, k, v, layout, block_size, scale)[0],
     cached_attention=torch.ops.tidar.cached_attention_reference.default,
     accept_drafts=torch.ops.tidar.accept_drafts_reference.default,
-    auto_on_cpu=True,
+    automatic_on=("cpu", "cuda"),
 )
