@@ -40,12 +40,18 @@ MAX_SPLITS = 32
 # The interpreter has no SMs; pretend a small GPU so CPU tests exercise the split path.
 INTERPRETER_SM_COUNT = 8
 
-_LAUNCH_FWD = wrap_triton(kernels.attention_fwd_kernel)
-_LAUNCH_BWD_PRE = wrap_triton(kernels.attention_bwd_preprocess_kernel)
-_LAUNCH_BWD_DQ = wrap_triton(kernels.attention_bwd_dq_kernel)
-_LAUNCH_BWD_DKDV = wrap_triton(kernels.attention_bwd_dkdv_kernel)
-_LAUNCH_CACHED = wrap_triton(kernels.cached_attention_kernel)
-_LAUNCH_MERGE = wrap_triton(kernels.merge_splits_kernel)
+def _launcher(kernel):
+    """``wrap_triton`` makes a launch visible to torch.compile. Under the interpreter there is
+    nothing to compile, and torch < 2.13 rejects interpreted kernels there, so launch directly."""
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
+_LAUNCH_FWD = _launcher(kernels.attention_fwd_kernel)
+_LAUNCH_BWD_PRE = _launcher(kernels.attention_bwd_preprocess_kernel)
+_LAUNCH_BWD_DQ = _launcher(kernels.attention_bwd_dq_kernel)
+_LAUNCH_BWD_DKDV = _launcher(kernels.attention_bwd_dkdv_kernel)
+_LAUNCH_CACHED = _launcher(kernels.cached_attention_kernel)
+_LAUNCH_MERGE = _launcher(kernels.merge_splits_kernel)
 
 
 # ----------------------------------------------------------------------------
