@@ -15,6 +15,7 @@ if [ "${TIDAR_BUILD_CUDA}" = "1" ]; then
   python -c "import tidar_kernels._C" || { echo "CUDA extension did not build although a toolkit exists" >&2; exit 1; }
   echo "CUDA extension built for TIDAR_CUDA_ARCHS=${TIDAR_CUDA_ARCHS:-80;90a}"
   bash scripts/ptxas_report.sh  # registers per kernel; fails on any spill
+  bash scripts/cmake_extension.sh  # the same sources through CMakeLists.txt (find_package(Torch))
 fi
 
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
