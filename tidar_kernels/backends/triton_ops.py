@@ -70,21 +70,47 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _warps(block_rows: int, block_d: int) -> int:
-    return 8 if block_rows * block_d >= 128 * 128 else 4
+    """Warps of the forward, dQ and cached kernels for a ``block_rows x block_d`` query tile.
+
+    8 warps for every 128-row tile (flash-attention's choice), 4 below. With 4 warps a
+    128-row tile spills on sm_90 even at head dim 64 (Triton 3.9, fp16/bf16: dQ
+    ~200 B, cached ~50-90 B per thread); with 8: no spills on sm_90 at hd64/hd128
+    with Triton 3.9 (<= 213 registers); untimed.
+    """
+    return 8 if block_rows >= 128 or block_rows * block_d >= 128 * 128 else 4
 
 
 def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the forward and dQ kernels.
 
-    128 x 64 is flash-attention's choice for fp16/bf16; fp32 tiles take twice the
-    shared memory per element, so they are halved.
+    128 x 64 is flash-attention's choice for fp16/bf16 (with 8 warps, see ``_warps``:
+    no spills on sm_90 at hd64/hd128 with Triton 3.9, forward <= 213 and dQ <= 160
+    registers; untimed); fp32 tiles take twice the shared memory per element, so they
+    are halved.
     """
     return (64, 32) if dtype == torch.float32 else (128, 64)
 
 
-def _bwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the dK/dV kernel: it holds K, V, dK, dV tiles of BLOCK_N rows."""
-    return (32, 32) if dtype == torch.float32 else (64, 64)
+def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel.
+
+    It holds K, V, dK, dV tiles of BLOCK_N rows plus one BLOCK_M query tile in flight,
+    so it is the kernel with the most live registers. fp16/bf16 on sm_90 with
+    Triton 3.9 (ptxas -v, fp16/bf16, head dims 64 and 128; untimed):
+
+    * head dim 128: 32 x 64 with 8 warps and 2 stages, 248 registers, no spills
+      (64 x 64 with 4 warps spilled ~300 B per thread, with 8 warps ~40 B; 32 x 64 with
+      4 warps ~460 B);
+    * head dim <= 64: 64 x 64 with 8 warps, 3 stages, 214 registers, no spills (4 warps
+      spilled a few bytes at 255 registers).
+
+    fp32 tiles take twice the registers per element: 32 x 32, 4 warps, 2 stages.
+    """
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
+    if block_d >= 128:
+        return 32, 64, 8, 2
+    return 64, 64, (8 if block_d >= 64 else 4), 3
 
 
 def _stages(dtype: torch.dtype) -> int:
@@ -115,7 +141,9 @@ def _cached_blocks(dtype: torch.dtype, packed_rows: int, block_d: int) -> tuple[
 
     BLOCK_M covers all packed (query row, group head) rows of a small decode step in
     one tile, so cached K/V are read once per KV head; small row tiles take wider key
-    tiles to keep enough bytes in flight.
+    tiles to keep enough bytes in flight. 128-row tiles run with 8 warps (``_warps``):
+    no spills on sm_90 at hd64/hd128 with Triton 3.9 (<= 181 registers; 4 warps
+    spilled ~50-90 B at hd64); 16-row tiles with 4 warps use <= 142; untimed.
     """
     cap = 64 if dtype == torch.float32 else 128
     block_m = min(cap, max(16, triton.next_power_of_2(packed_rows)))
@@ -176,13 +204,13 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         num_rows, num_heads, num_heads // num_kv_heads, clean_rows, block_size, qk_scale, scale, head_dim,
         LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         num_warps=_warps(block_m, block_d), num_stages=stages)
-    block_m, block_n = _bwd_blocks(q.dtype)
+    block_m, block_n, dkdv_warps, dkdv_stages = _bwd_config(q.dtype, block_d)
     _LAUNCH_BWD_DKDV[(triton.cdiv(num_rows, block_n), batch * num_kv_heads)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), num_rows, num_heads, num_kv_heads, num_heads // num_kv_heads, clean_rows,
         block_size, qk_scale, scale, head_dim,
         LAYOUT=layout, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-        num_warps=_warps(block_n, block_d), num_stages=stages)
+        num_warps=dkdv_warps, num_stages=dkdv_stages)
     return dq, dk, dv
 
 
