@@ -42,13 +42,29 @@ def test_directory_split_key_does_not_depend_on_how_the_path_is_spelled(tmp_path
     assert {d.name for d in splits[0].train + splits[0].heldout} == {f"sub/f{i}.py" for i in range(12)}
 
 
+def test_glob_and_directory_keys_are_paths_under_the_source(tmp_path):
+    """Same-named files in different folders get different split keys; JSONL inside a directory is read
+    line by line; a glob keys by the path under its literal prefix."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.py").write_text(f"# {folder}\n")
+    (tmp_path / "a" / "rows.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    by_glob = data.read_source(str(tmp_path / "**" / "*.py"))
+    assert sorted(d.name for d in by_glob) == ["a/x.py", "b/x.py"]
+    by_dir = data.read_source(str(tmp_path))
+    assert sorted(d.name for d in by_dir) == ["a/rows.jsonl:1", "a/rows.jsonl:2", "a/x.py", "b/x.py"]
+    assert sorted(d.text for d in by_dir if d.name.startswith("a/rows")) == ["one", "two"]
+
+
 def test_sources_directory_glob_jsonl_and_file(tmp_path):
     (tmp_path / "a.py").write_text("print('a')\n")
     (tmp_path / "b.md").write_text("# b\n")
     (tmp_path / "skip.bin").write_bytes(b"\x00\xff")
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second", "x": 1}) + "\n")
-    assert {d.text for d in data.read_source(str(tmp_path)) if not d.name.endswith("jsonl")} == {"print('a')\n", "# b\n"}
+    from_dir = data.read_source(str(tmp_path))
+    assert {d.text for d in from_dir if ".jsonl:" not in d.name} == {"print('a')\n", "# b\n"}
+    assert [d.text for d in from_dir if d.name.startswith("c.jsonl:")] == ["first", "second"]
     assert [d.text for d in data.read_source(str(jsonl))] == ["first", "second"]
     assert [d.text for d in data.read_source(str(tmp_path / "*.py"))] == ["print('a')\n"]
     assert [d.text for d in data.read_source(str(tmp_path / "b.md"))] == ["# b\n"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -36,7 +37,7 @@ EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".ini", ".yaml", ".yml")
-"""File suffixes read from a directory source (a glob or a file path reads any file)."""
+"""File suffixes read from a directory source, besides ``.jsonl`` (a glob or a file path reads any file)."""
 
 
 @dataclass
@@ -92,10 +93,8 @@ def read_source(source: str, text_field: str = "text") -> list[Document]:
     """Documents of one source: a ``.jsonl`` file, a text file, a directory or a glob pattern."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        # the split key is the path relative to the directory: the same however the directory is spelled
-        # ("data", "data/", "./data", an absolute path), so a resumed run sees the same split
-        return [Document(p.relative_to(path).as_posix(), t) for p in files if (t := _read_text(p))]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+        return _read_files(files, root=path, text_field=text_field)
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path, text_field)
@@ -104,10 +103,24 @@ def read_source(source: str, text_field: str = "text") -> list[Document]:
     matches = sorted(glob.glob(source, recursive=True))
     if not matches and not glob.has_magic(source):
         raise ValueError(f"data source {source!r} is not a file, a directory or a glob pattern that matches")
+    # the pattern's literal leading directories, e.g. "src" of "src/**/*.py"
+    root = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), Path(source).parts))
+    return _read_files([Path(m) for m in matches if Path(m).is_file()], root=root, text_field=text_field)
+
+
+def _read_files(files: Sequence[Path], root: Path, text_field: str) -> list[Document]:
+    """Documents of ``files`` found under ``root``; JSONL files give one document per line.
+
+    The split key is the path relative to ``root``: the same however the source is
+    spelled ("data", "data/", "./data", an absolute path), so a resumed run sees the
+    same split, and distinct for files of the same name in different folders.
+    """
     docs = []
-    for match in matches:
-        if Path(match).is_file():
-            docs.extend(read_source(match, text_field))
+    for file in files:
+        if file.suffix == ".jsonl":
+            docs.extend(_read_jsonl(file, text_field, name=file.relative_to(root).as_posix()))
+        elif text := _read_text(file):
+            docs.append(Document(file.relative_to(root).as_posix(), text))
     return docs
 
 
@@ -158,7 +171,9 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+def _read_jsonl(path: Path, text_field: str, name: Optional[str] = None) -> list[Document]:
+    """One document per non-empty line; split keys ``"<name>:<line>"`` (``name`` defaults to the file name)."""
+    name = name or path.name
     docs = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -172,7 +187,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[Document]:
                 raise ValueError(f"{path}:{number} must be an object with a string field text_field="
                                  f"{text_field!r}, got keys {sorted(record) if isinstance(record, dict) else record!r}")
             if record[text_field]:
-                docs.append(Document(f"{path.name}:{number}", record[text_field]))
+                docs.append(Document(f"{name}:{number}", record[text_field]))
     return docs
 
 
