@@ -155,7 +155,9 @@ def test_sampling_follows_the_model():
         nxt = model(torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)).logits[:, -1, :vocab]
         joint = (first[:, None] * nxt.double().softmax(-1)).flatten()
     total_variation = 0.5 * (empirical - joint).abs().sum().item()
-    assert total_variation < 0.03, total_variation  # sampling noise here is about 0.01
+    # Sampling noise is below 0.02 here (36 cells, 20000 samples; measured 0.003); accepting
+    # every draft instead of the speculative rule gives 0.09.
+    assert total_variation < 0.03, total_variation
 
 
 # ----------------------------------------------------------------------------
@@ -176,6 +178,8 @@ def test_plain_forward_and_hf_generate_under_tidar_attention():
     assert_close_by_rule(got, hi, lo, name="logits")
     # model.generate with transformers' own cache: append_attention over the cached K/V.
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), hf_greedy(model, ids, None, 6))
+    with pytest.raises(ValueError, match="static"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
 def test_plain_forward_refuses_left_padding():
@@ -322,24 +326,28 @@ def test_prepare_model_matches_checkpoints_add_mask_token(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def unsupported_models():
-    small = dict(vocab_size=VOCAB, num_attention_heads=4, num_hidden_layers=1)
-    yield "absolute position", transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4,
-                                                                                     vocab_size=VOCAB))
-    yield "mixture of experts", transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
-        hidden_size=32, intermediate_size=32, num_key_value_heads=2, num_local_experts=2, **small))
-    yield "mixture of experts", transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig(
-        hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_key_value_heads=2, num_experts=2,
-        **small))
+def unsupported_model(name):
+    small = dict(vocab_size=VOCAB, num_attention_heads=4, num_hidden_layers=1, hidden_size=32, intermediate_size=32)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB,
+                                                                    bos_token_id=1, eos_token_id=2))
+    if name == "mixtral":
+        return transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
+            num_key_value_heads=2, num_local_experts=2, **small))
+    return transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig(
+        moe_intermediate_size=16, num_key_value_heads=2, num_experts=2, **small))
 
 
-@pytest.mark.parametrize("reason,model", list(unsupported_models()), ids=["gpt2", "mixtral", "qwen2_moe"])
-def test_unsupported_models_are_refused_unchanged(reason, model):
+@pytest.mark.parametrize("name,reason", [("gpt2", "absolute position"), ("mixtral", "mixture of experts"),
+                                         ("qwen2_moe", "mixture of experts")])
+def test_unsupported_models_are_refused_unchanged(name, reason):
+    model = unsupported_model(name)
     tokenizer = word_tokenizer(VOCAB)
     before = snapshot(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ValueError, match=reason):
         tt.prepare_model(model, tokenizer)
+    assert_unchanged(model, before)
     model.config.tidar_mask_token_id = VOCAB - 1  # even with a mask token, decode and loss refuse
     before = snapshot(model)
     with pytest.raises(ValueError, match=reason):
@@ -432,3 +440,30 @@ def test_smollm2_greedy_generate_equals_hf_generate():
         for k in range(1, 9):
             got = tt.generate(model, ids[rows], 3, k, attention_mask=mask[rows])
             assert torch.equal(got, expected), f"batch {ids[rows].shape[0]} k={k}"
+
+
+# ----------------------------------------------------------------------------
+# On a GPU (skipped without CUDA): the Triton / CUDA backends under an HF model
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_generate_and_loss():
+    """fp32 on CUDA: exact greedy against model.generate and the loss against the package's;
+    bf16: decoding and a training step run (agreement in bf16 is not asserted here)."""
+    model = tiny_model("qwen3").cuda()
+    tt.prepare_model(model)
+    ids, mask = left_padded_batch([5, 9, 2], seed=3)
+    ids, mask = ids.cuda(), mask.cuda()
+    for k in (1, 4, 8):
+        assert torch.equal(tt.generate(model, ids, 12, k, attention_mask=mask), hf_greedy(model, ids, mask, 12))
+    tokens = torch.randint(3, VOCAB, (2, 16), device="cuda")
+    with torch.no_grad():
+        expected = tt.tidar_loss(model.cpu(), tokens.cpu(), 4).item()
+        got = tt.tidar_loss(model.cuda(), tokens, 4).item()
+    assert abs(got - expected) <= 1e-5 * abs(expected)
+    model.to(torch.bfloat16)
+    out = tt.generate(model, ids, 8, 4, attention_mask=mask)
+    assert out.shape[0] == 3 and int(out.max()) < VOCAB
+    tt.tidar_loss(model, tokens, 4).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -116,9 +116,16 @@ def tidar_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offse
                          mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> None:
     """The ``"tidar"`` mask interface builds no mask: the tidar ops take the rule from :mod:`tidar_kernels.mask`.
 
-    It only checks the 2-d padding mask: zeros only at the end of each row (right
-    padding) leave the real tokens' causal attention exact; anything else would not.
+    It only checks what the attention function cannot see: that the keys are
+    exactly the past and the new rows (a growing cache such as ``DynamicCache``;
+    a preallocated ``StaticCache`` also holds unused rows it would need a mask
+    for), and that the 2-d padding mask has zeros only at the end of each row
+    (right padding leaves the real tokens' causal attention exact).
     """
+    if int(kv_length) - int(kv_offset) != int(q_offset) + q_length:
+        raise ValueError(f"the key length must be the past plus the new rows ({int(q_offset)} + {q_length}) under "
+                         f"attn_implementation='tidar', got {int(kv_length) - int(kv_offset)}: preallocated caches "
+                         f"(cache_implementation='static') are not supported; use the default dynamic cache")
     if attention_mask is not None and not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         raise ValueError("attention_mask must be all ones or right-padded (zeros only at the end of each row) for "
                          "a forward under attn_implementation='tidar', got left padding or holes; for padded "
