@@ -155,12 +155,8 @@ def tidar_attention(model):
 # ----------------------------------------------------------------------------
 
 
-def check_supported(model, sequence_len: Optional[int] = None) -> None:
-    """Raise ValueError naming what is unsupported: model family, MoE, attention dropout, sliding window.
-
-    ``sequence_len``: the most positions one sequence will span; a sliding window
-    shorter than that is "in use" and refused (a longer one never masks anything).
-    """
+def check_supported(model) -> None:
+    """Raise ValueError naming what is unsupported: not a causal LM, model family, MoE, attention dropout."""
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "get_output_embeddings", None)) \
             or model.get_output_embeddings() is None:
@@ -176,8 +172,13 @@ def check_supported(model, sequence_len: Optional[int] = None) -> None:
                          f"{getattr(config, experts[0])}")
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError(f"config.attention_dropout must be 0 for the tidar ops, got {config.attention_dropout}")
-    window = sliding_window(config)
-    if window is not None and sequence_len is not None and sequence_len > window:
+
+
+def check_window(model, sequence_len: int) -> None:
+    """Raise ValueError when the model's sliding window is shorter than ``sequence_len`` positions
+    (then it would be in use; a longer window never masks anything)."""
+    window = sliding_window(model.config)
+    if window is not None and sequence_len > window:
         raise ValueError(f"sliding-window attention is not supported: config.sliding_window={window} is shorter "
                          f"than the {sequence_len} positions needed; use a shorter input or a model without "
                          f"a sliding window")
@@ -326,11 +327,12 @@ def tidar_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 1
     ``[0..S-1, 0..S-1]``) with ``training_attention``; labels and loss are
     :mod:`tidar_kernels.training`'s. ``attention_mask`` marks padding (left or right).
     """
+    check_supported(model)
     mask_id = mask_token_id(model)
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     batch = build_tidar_batch(input_ids, mask_id, block_size, attention_mask, _filler_token(mask_id))
-    check_supported(model, sequence_len=batch["input_ids"].shape[1] // 2)
+    check_window(model, batch["input_ids"].shape[1] // 2)
     labels = batch.pop("labels")
     with tidar_attention(model):
         logits = model(**batch, use_cache=False).logits
@@ -440,7 +442,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int
              generator: Optional[torch.Generator] = None, cuda_graph: bool = False, **kwargs) -> torch.Tensor:
     """TiDAR decoding of a Hugging Face model; returns ``[input_ids | new tokens]`` like ``model.generate``.
 
-    ``attention_mask`` (keyword, 1 = real token) allows left or right padding;
+    ``attention_mask`` (keyword, 1 = real token; taken from ``**kwargs`` because
+    ``model.generate`` passes its own, which a named parameter would receive
+    twice) allows left or right padding;
     the new tokens of each row continue its real tokens and are padded with
     ``pad_token_id`` after a stop token, the output as wide as the longest row
     needs. ``eos_token_id`` / ``pad_token_id`` default to the model's
@@ -460,14 +464,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int
     if unknown:
         raise ValueError(f"generate got unexpected keyword arguments {unknown}; expected those of its signature "
                          f"and attention_mask")
+    check_supported(model)
     mask_id = mask_token_id(model)
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and isinstance(max_new_tokens, int) \
-            and isinstance(draft_len, int):
-        check_supported(model, sequence_len=input_ids.shape[1] + max_new_tokens + 2 * draft_len)
-    else:
-        check_supported(model)  # tidar_generate reports the bad argument
-    if attention_mask is not None:
-        _check_padding(attention_mask, input_ids)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:  # else tidar_generate reports it
+        if isinstance(max_new_tokens, int) and isinstance(draft_len, int):
+            check_window(model, input_ids.shape[1] + max_new_tokens + 2 * draft_len)
+        if attention_mask is not None:
+            _check_padding(attention_mask, input_ids)
     if eos_token_id is None and generation_config is not None:
         eos_token_id = generation_config.eos_token_id
     if pad_token_id is None and generation_config is not None:
