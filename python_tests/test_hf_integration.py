@@ -227,16 +227,21 @@ def test_tidar_loss_equals_package_loss(family, tmp_path):
         assert_close_by_rule(hf_grad, hi_params[our_name].grad, parameter.grad, name=f"grad of {our_name}")
 
 
-def test_tidar_loss_padding_left_equals_right():
+def test_tidar_loss_with_padding_equals_package_loss(tmp_path):
+    """Left and right padding give the package's loss on right-padded rows whose padding is unlabelled."""
     model = tiny_model("llama")
-    tt.prepare_model(model)
+    mask_id = tt.prepare_model(model)
+    model.save_pretrained(tmp_path)
+    ours = checkpoints.load_hf(tmp_path, mask_token_id=mask_id)
     ids, mask = left_padded_batch([8, 5, 7], seed=9)
     left = tt.tidar_loss(model, ids, 4, attention_mask=mask)
     order = torch.argsort(1 - mask, dim=1, stable=True)
-    right = tt.tidar_loss(model, ids.gather(1, order), 4, attention_mask=mask.gather(1, order))
-    assert torch.equal(left, right)
-    alone = tt.tidar_loss(model, ids[1:2, -5:], 4)  # a row's labels do not depend on its padding
-    assert torch.isfinite(alone)
+    right_ids, right_mask = ids.gather(1, order), mask.gather(1, order)
+    assert torch.equal(left, tt.tidar_loss(model, right_ids, 4, attention_mask=right_mask))
+    doc_ids = torch.where(right_mask.bool(), 0, training.PAD_DOC_ID)
+    batch = training.build_training_batch(right_ids, mask_id, 4, doc_ids)
+    expected = training.tidar_loss(ours.forward_training(batch.input_ids, 4), batch.labels).total
+    assert abs(left.item() - expected.item()) <= 1e-5 * abs(expected.item())
 
 
 def test_collator_and_compute_loss_equal_tidar_loss():
@@ -309,6 +314,16 @@ def test_prepare_model_save_and_reload(tied, tokenizer_size, tmp_path):
         assert torch.equal(reloaded.state_dict()[name], value), name
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(tt.generate(reloaded, ids, 6, 3), tt.generate(model, ids, 6, 3))
+
+
+def test_prepare_model_uses_the_tokenizers_own_mask_token():
+    model = tiny_model("qwen3")
+    tokenizer = word_tokenizer(VOCAB)
+    tokenizer.add_special_tokens({"mask_token": "w95"})  # a reserved token of the vocabulary
+    before = snapshot(model)
+    assert tt.prepare_model(model, tokenizer) == 95 and len(tokenizer) == VOCAB
+    state, _, _ = before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # its row is kept as is
 
 
 def test_prepare_model_matches_checkpoints_add_mask_token(tmp_path):

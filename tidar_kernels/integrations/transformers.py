@@ -237,7 +237,7 @@ def prepare_model(model, tokenizer=None) -> int:
 
     A model prepared before (``config.tidar_mask_token_id`` set, e.g. after
     ``save_pretrained`` and reload) keeps its id. Otherwise the tokenizer's own mask
-    token is used if it has one; else ``<|mask|>`` is added to the tokenizer (when
+    token is used as is if it has one; else ``<|mask|>`` is added to the tokenizer (when
     given) and gets the embedding row :mod:`tidar_kernels.checkpoints` picks: the
     first row the tokenizer does not use, or a new row (embedding and LM head
     resized together, tied or not). The row is initialised to the mean of the
