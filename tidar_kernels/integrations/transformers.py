@@ -5,14 +5,14 @@ transformers' ``AttentionInterface`` and ``AttentionMaskInterface``. Every
 attention call of a Llama / Qwen2 / Qwen3 / Mistral model then goes to the
 tidar ops, chosen by what the forward was given:
 
-==============================  =============================================  ======================
-forward keyword                 op                                             used by
-==============================  =============================================  ======================
-``tidar_block_size=B``          ``training_attention`` (differentiable)        :func:`tidar_loss`, Trainer
-``tidar_context=ctx``           ``ctx.attend``: prefill / decode step / append  :func:`generate`
-neither, no cache               ``causal_attention`` (likelihood mode)         ``model(input_ids)``
-neither, Hugging Face cache     ``append_attention`` over the cached K/V       ``model.generate``
-==============================  =============================================  ======================
+=============================  ========================================  ============================
+forward keyword                op                                        used by
+=============================  ========================================  ============================
+``tidar_block_size=B``         ``training_attention`` (differentiable)   :func:`tidar_loss`, Trainer
+``tidar_context=ctx``          ``ctx.attend``: prefill, decode, append   :func:`generate`
+neither, no cache              ``causal_attention`` (likelihood mode)    ``model(input_ids)``
+neither, Hugging Face cache    ``append_attention`` over its K/V         ``model.generate``
+=============================  ========================================  ============================
 
 No dense mask is built: the mask interface only checks the 2-d padding mask
 (right padding leaves causal attention of the real tokens exact; anything else
