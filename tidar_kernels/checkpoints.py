@@ -191,6 +191,26 @@ def _tokenizer_size(directory: Path) -> Optional[int]:
     return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
+def mask_token_slot(vocab_size: int, tokenizer_size: Optional[int] = None) -> tuple[int, bool]:
+    """Where ``[M]`` goes: ``(mask id, whether a row must be appended)`` (module docstring).
+
+    Row ``tokenizer_size`` when the embedding has rows past the tokenizer's
+    (unused, so untrained), else a new row ``vocab_size`` appended at the end.
+    """
+    if tokenizer_size is not None and tokenizer_size < vocab_size:
+        return tokenizer_size, False
+    return vocab_size, True
+
+
+@torch.no_grad()
+def init_mask_row(weight: torch.Tensor, mask_id: int) -> None:
+    """Set ``weight[mask_id]`` (embedding or LM-head matrix) to the mean of the token rows ``[0, mask_id)``.
+
+    (:func:`mask_token_slot` puts ``[M]`` right after the rows the tokenizer uses.)
+    """
+    weight[mask_id] = weight[:mask_id].float().mean(0)
+
+
 @torch.no_grad()
 def add_mask_token(model: Transformer, tokenizer_size: Optional[int] = None) -> Transformer:
     """Give ``model`` a mask token, initialised to the mean embedding (module docstring).
@@ -203,21 +223,17 @@ def add_mask_token(model: Transformer, tokenizer_size: Optional[int] = None) -> 
         raise ValueError(f"model.config.mask_token_id must be None (add_mask_token adds one), "
                          f"got {config.mask_token_id}")
     vocab = config.vocab_size
-    if tokenizer_size is not None and tokenizer_size < vocab:
-        mask_id = tokenizer_size
-        real = slice(0, tokenizer_size)
-    else:
-        mask_id = vocab
-        real = slice(0, vocab)
+    mask_id, append = mask_token_slot(vocab, tokenizer_size)
+    if append:
         model.tok_embeddings = _grow(model.tok_embeddings)
         if model.output is not None:
             grown = torch.nn.Linear(config.dim, vocab + 1, bias=False, device=model.device, dtype=model.dtype)
             grown.weight[:vocab] = model.output.weight
             model.output = grown
         config.vocab_size = vocab + 1
-    model.tok_embeddings.weight[mask_id] = model.tok_embeddings.weight[real].float().mean(0)
+    init_mask_row(model.tok_embeddings.weight, mask_id)
     if model.output is not None:
-        model.output.weight[mask_id] = model.output.weight[real].float().mean(0)
+        init_mask_row(model.output.weight, mask_id)
     config.mask_token_id = mask_id
     return model
 

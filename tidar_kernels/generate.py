@@ -29,16 +29,37 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 
 from . import ops
 from .kv_cache import KVCache
 from .mask import Layout, local_position_ids
-from .model import AttentionContext, Transformer
+from .model import AttentionContext
 
 StopTokens = Union[int, Sequence[int], None]
+
+
+class DecoderModel(Protocol):
+    """What the decode loops use of a model: :class:`tidar_kernels.model.Transformer`, or an adapter
+    (:class:`tidar_kernels.integrations.transformers.HFDecoder` drives a Hugging Face model).
+
+    ``model(input_ids, position_ids, context)`` returns the final hidden states
+    with every layer's attention done by ``context`` (an :class:`AttentionContext`);
+    ``lm_head`` turns rows of them into logits. ``config`` has ``vocab_size``,
+    ``mask_token_id`` and the cache shape ``n_layers``, ``n_kv_heads``, ``head_dim``
+    (:meth:`KVCache.for_model`).
+    """
+
+    config: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 context: AttentionContext) -> torch.Tensor: ...
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -172,7 +193,7 @@ class _Loop:
     at ``emitted < max_new_tokens + width``, never need clipping.
     """
 
-    def __init__(self, model: Transformer, setup: "_Setup", width: int):
+    def __init__(self, model: DecoderModel, setup: "_Setup", width: int):
         self.model, self.sampling, self.width = model, setup.sampling, width
         self.prompt_ids, self.prompt_lens = setup.input_ids, setup.prompt_lens
         self.max_new_tokens = max_new_tokens = setup.max_new_tokens
@@ -271,7 +292,7 @@ class _Loop:
 class _TidarLoop(_Loop):
     """TiDAR decoding: drafts, their distributions, and the ``k`` mask blocks of a step."""
 
-    def __init__(self, model: Transformer, setup: "_Setup", draft_len: int, beta: float):
+    def __init__(self, model: DecoderModel, setup: "_Setup", draft_len: int, beta: float):
         super().__init__(model, setup, width=draft_len)
         k, batch, device = draft_len, self.prompt_ids.shape[0], self.prompt_ids.device
         self.k, self.beta = k, beta
@@ -338,7 +359,7 @@ class _TidarLoop(_Loop):
 class _ArLoop(_Loop):
     """Plain autoregressive decoding: one token per step."""
 
-    def __init__(self, model: Transformer, setup: "_Setup"):
+    def __init__(self, model: DecoderModel, setup: "_Setup"):
         super().__init__(model, setup, width=1)
         self.token = torch.zeros(self.prompt_ids.shape[0], 1, dtype=torch.long, device=self.prompt_ids.device)
 
@@ -367,7 +388,7 @@ class _ArLoop(_Loop):
 # ----------------------------------------------------------------------------
 
 
-def tidar_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int,
+def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int,
                    beta: float = 1.0, temperature: float = 0.0, top_k: Optional[int] = None,
                    top_p: Optional[float] = None, eos_token_id: StopTokens = None,
                    prompt_lens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -401,7 +422,7 @@ def tidar_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: 
     return _finish(loop, setup, start, pad_token_id, cuda_graph, stream)
 
 
-def ar_generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+def ar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: StopTokens = None,
                 prompt_lens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, pad_token_id: Optional[int] = None,
