@@ -100,14 +100,15 @@ def from_pages(pool, table):
 
 def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=torch.float32, draft_len: int = 1,
                       padded: int = 1, prompt_lens=None, poison: str = "nan", page_size: Optional[int] = None,
-                      head_dim: int = 16, seed: int = 0) -> None:
+                      head_dim: int = 16, seed: int = 0, device: str = "cpu") -> None:
     """One cached call of ``backend`` on a cache whose unused rows hold ``poison``, against fp64 math.
 
     Checks the output by the tolerance rule and the write contract: rows ``[n_b, n_b + W)``
     hold the new K/V, every other row is unchanged (poison included). With ``page_size``
     the same call runs on a shuffled paged copy (plus spare pages nobody owns) and on the
     contiguous cache; both must meet the rule, the paged pool must read back as the
-    contiguous cache after the call, and pages nobody owns stay untouched.
+    contiguous cache after the call, and pages nobody owns stay untouched. Inputs are
+    built on the CPU; ``device`` is where the op runs (results come back for the checks).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -143,10 +144,17 @@ def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=tor
             after[b, n:n + written] = new[b, :written]
         expected.append(after)
 
+    def on(*tensors):
+        return [None if t is None else t.to(device) for t in tensors]
+
+    step, lengths = on(q, k_new, v_new), seqlens.to(device)
     if page_size is not None:
         pools = [to_pages(c, table, num_pages, POISONS[poison]) for c in (k_cache, v_cache)]
         pools_before = [p.clone() for p in pools]
-        out = call_op(layout, q, k_new, v_new, *pools, seqlens, draft_len, context, backend, block_table=table)
+        device_pools = on(*pools)
+        out = call_op(layout, *step, *device_pools, lengths, draft_len, *on(context), backend,
+                      block_table=table.to(device)).cpu()
+        pools = [p.cpu() for p in device_pools]
         assert out.dtype == dtype and out.shape == q.shape
         assert_close_by_rule(out, hi, lo, name=f"{backend} paged out")
         owned = sorted(p for p in table.flatten().tolist() if p >= 0)
@@ -159,10 +167,12 @@ def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=tor
             others = [p for p in range(num_pages) if p not in owned]
             torch.testing.assert_close(pool[others], before[others], rtol=0, atol=0, equal_nan=True,
                                        msg=f"{name} pool: a page nobody owns was written")
-    out = call_op(layout, q, k_new, v_new, k_cache, v_cache, seqlens, draft_len, context, backend)
+    device_caches = on(k_cache, v_cache)
+    out = call_op(layout, *step, *device_caches, lengths, draft_len, *on(context), backend).cpu()
+    k_cache, v_cache = (c.cpu() for c in device_caches)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_by_rule(out, hi, lo, name=f"{backend} out")
     for name, cache, want in (("k_cache", k_cache, expected[0]), ("v_cache", v_cache, expected[1])):
         torch.testing.assert_close(cache, want, rtol=0, atol=0, equal_nan=True,
                                    msg=f"{name}: rows [n, n+W) must hold the new rows, all others unchanged")
-    assert seqlens.tolist() == list(cache_lens)
+    assert lengths.tolist() == list(cache_lens)  # the ops never commit

@@ -315,3 +315,102 @@ def test_pool_too_small_is_a_clear_error():
         ar_generate(tiny_model(0), ids, 5, prompt_lens=lens, num_pages=3)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
         ar_generate(tiny_model(0), ids, 5, prompt_lens=lens, page_size=0)
+
+
+# ----------------------------------------------------------------------------
+# GPU (compiled Triton; skipped without CUDA, or under the interpreter)
+# ----------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs the Triton compiler: run without TRITON_INTERPRET")
+
+
+@pytest.mark.gpu
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("page_size", [1, 16, 64], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("op", list(OPS))
+def test_paged_triton_on_gpu(op, page_size, dtype):
+    layout, lens, heads, draft_len, padded, prompts = OPS[op]
+    check_cached_call("triton", layout, lens, heads, dtype=dtype, draft_len=draft_len, padded=padded,
+                      prompt_lens=prompts, page_size=page_size, head_dim=128, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_compiler
+@pytest.mark.parametrize("page_size", [1, 16, 64], ids=lambda p: f"page{p}")
+def test_paged_triton_on_gpu_long_cache(page_size):
+    """Model-sized heads and a long cache: the split (flash-decoding) path over pages."""
+    check_cached_call("triton", Layout.DECODE, (3000, 1, 700), (12, 2), dtype=torch.bfloat16, draft_len=8,
+                      page_size=page_size, head_dim=128, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_compiler
+def test_paged_decode_step_cuda_graph_replay_with_changing_tables():
+    """A captured paged step replays what an eager call does for new lengths and new page tables."""
+    draft_len, batch, (q_heads, kv_heads), head_dim, page_size, columns = 4, 3, (12, 2), 128, 16, 80
+    rows, dtype, device = draft_len + draft_len * draft_len, torch.bfloat16, "cuda"
+    q = torch.randn(batch, rows, q_heads, head_dim, device=device, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, rows, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2))
+    pools = [torch.randn(batch * columns, page_size, kv_heads, head_dim, device=device, dtype=dtype)
+             for _ in range(2)]
+    block_table = torch.randperm(batch * columns, device=device).view(batch, columns).int()
+    seqlens = torch.tensor([5, 0, 900], dtype=torch.int32, device=device)
+
+    def step(k_pool, v_pool):
+        return tk.decode_attention(q, k_new, v_new, k_pool, v_pool, seqlens, draft_len, backend="triton",
+                                   check_lengths=False, block_table=block_table)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        step(*pools)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*pools)
+    for lengths in ([7, 1, 1200], [0, 1250, 33]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        block_table.copy_(torch.randperm(batch * columns, device=device).view(batch, columns))
+        eager_pools = [p.clone() for p in pools]
+        expected = step(*eager_pools)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), f"replay output differs from eager for cache_seqlens={lengths}"
+        assert all(torch.equal(a, b) for a, b in zip(pools, eager_pools))
+
+
+@pytest.mark.gpu
+def test_paged_loops_on_gpu_match_contiguous():
+    model = tiny_model(0).cuda()
+    ids, lens = pad_prompts(PROMPTS, device="cuda")
+    for k in (1, 4):
+        contiguous = tidar_generate(model, ids, 19, k, prompt_lens=lens, eos_token_id=2, sync_every=3)
+        for page_size in (1, 16):
+            paged = tidar_generate(model, ids, 19, k, prompt_lens=lens, eos_token_id=2, sync_every=3,
+                                   page_size=page_size)
+            assert torch.equal(paged.tokens, contiguous.tokens) and torch.equal(paged.lengths, contiguous.lengths)
+    ar = ar_generate(model, ids, 19, prompt_lens=lens, eos_token_id=2)
+    assert torch.equal(ar_generate(model, ids, 19, prompt_lens=lens, eos_token_id=2, page_size=16).tokens, ar.tokens)
+
+
+@pytest.mark.gpu
+def test_paged_step_never_syncs():
+    """Pages are reserved at the stop check; the step itself only launches work."""
+    from tidar_kernels import generate
+
+    model = tiny_model(0).cuda()
+    ids, lens = pad_prompts(PROMPTS, device="cuda")
+    setup = generate._prepare(model, ids, 16, 4, 0.0, None, None, 2, lens, None, None, None, 8, page_size=16)
+    for loop in (generate._TidarLoop(model, setup, 4, 1.0), generate._ArLoop(model, setup)):
+        with torch.inference_mode():
+            loop.cache.reserve([ids.shape[1]] * ids.shape[0])
+            loop.prefill()
+            loop._manage_pages(steps=2)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                loop.step()
+                loop.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
