@@ -171,6 +171,23 @@ def test_opcheck_paged_signatures():
         torch.library.opcheck(torch.ops.tidar.cached_attention_triton.default, args, **kwargs)
 
 
+def test_torch_compile_fullgraph_over_a_paged_step():
+    """Under torch.compile the table's values are not checked (no sync) and the paged op stays in the graph."""
+    q, kv = torch.randn(2, 6, 4, 16), torch.randn(2, 6, 2, 16)
+    pools = [torch.randn(5, 3, 2, 16) for _ in range(2)]
+    lengths = torch.tensor([2, 4], dtype=torch.int32)
+    block_table = table([[3, 0, -1], [1, 4, 2]])
+
+    def step(k_pool, v_pool):
+        return tk.decode_attention(q, kv, kv, k_pool, v_pool, lengths, 2, block_table=block_table)
+
+    eager_pools = [p.clone() for p in pools]
+    expected = step(*eager_pools)
+    got = torch.compile(step, fullgraph=True)(*pools)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(pools, eager_pools))
+
+
 def test_which_backends_take_paged_calls():
     call = backends.Call(backends.CACHED_ATTENTION, torch.device("cpu"), torch.float32, 16, int(Layout.DECODE),
                          paged=True)
