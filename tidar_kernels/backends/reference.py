@@ -111,7 +111,8 @@ def cache_locations(positions: torch.Tensor, k_cache: torch.Tensor, block_table)
     exists = (positions >= 0) & (positions < capacity)
     positions = positions.clamp(0, capacity - 1)
     if block_table is None:
-        return torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions), positions, exists
+        batch = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        return batch, positions, exists
     num_pages, page_size = k_cache.shape[:2]
     page = block_table.long().gather(1, positions // page_size)
     exists &= (page >= 0) & (page < num_pages)
