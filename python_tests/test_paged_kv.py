@@ -13,6 +13,7 @@ import torch
 from cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 import tidar_kernels as tk
@@ -239,6 +240,76 @@ def test_pool_bad_sizes(name):
     sizes[name] = 0
     with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
         PagedKVCache(**sizes)
+
+
+class PagedCacheMachine(RuleBasedStateMachine):
+    """Reserve, write, commit, roll back, finish: the pool's rows match a list model of each sequence.
+
+    A row's K holds its tag, V minus it. Pages held by different sequences are distinct, cover
+    every committed row, and free + held = the pool.
+    """
+
+    BATCH, MAX_LEN, PAGE, PAGES = 3, 14, 3, 10
+
+    def __init__(self):
+        super().__init__()
+        self.cache = PagedKVCache(n_layers=1, batch=self.BATCH, max_len=self.MAX_LEN, n_kv_heads=1, head_dim=2,
+                                  page_size=self.PAGE, num_pages=self.PAGES)
+        self.rows = [[] for _ in range(self.BATCH)]
+        self.next_tag = 1.0
+
+    @rule(count=st.integers(1, 5), keep=st.lists(st.integers(0, 5), min_size=BATCH, max_size=BATCH))
+    def reserve_write_commit(self, count, keep):
+        needed = [len(r) + count for r in self.rows]
+        table_before, free_before = self.cache.block_table.clone(), self.cache.free_pages
+        try:
+            self.cache.reserve(needed)
+        except (ValueError, RuntimeError) as error:  # past max_len, or the pool is short: nothing changed
+            too_long = any(n > self.cache.max_len for n in needed)
+            assert isinstance(error, ValueError if too_long else RuntimeError)
+            assert torch.equal(self.cache.block_table, table_before) and self.cache.free_pages == free_before
+            return
+        tags = torch.arange(self.next_tag, self.next_tag + self.BATCH * count).view(self.BATCH, count)
+        self.next_tag += self.BATCH * count
+        values = tags[..., None, None].expand(self.BATCH, count, 1, 2).contiguous()
+        tk.append_attention(values, values, -values, self.cache.k[0], self.cache.v[0], self.cache.seqlens,
+                            block_table=self.cache.block_table)  # lengths and table checked
+        keep = [min(c, count) for c in keep]
+        self.cache.commit(torch.tensor(keep))
+        for b in range(self.BATCH):
+            self.rows[b].extend(tags[b, :keep[b]].tolist())
+
+    @rule(lengths=st.lists(st.integers(0, 4), min_size=BATCH, max_size=BATCH))
+    def rollback(self, lengths):
+        lengths = [min(n, len(r)) for n, r in zip(lengths, self.rows)]
+        self.cache.reset(lengths)
+        self.rows = [r[:n] for r, n in zip(self.rows, lengths)]
+
+    @rule(sequence=st.integers(0, BATCH - 1))
+    def finish(self, sequence):
+        self.cache.seqlens[sequence] = 0
+        self.cache.release([sequence])
+        self.rows[sequence] = []
+
+    @invariant()
+    def pool_matches_the_model(self):
+        assert self.cache.seqlens.tolist() == [len(r) for r in self.rows]
+        held = [self.cache.pages_of(b) for b in range(self.BATCH)]
+        flat = sum(held, [])
+        assert len(set(flat)) == len(flat) and len(flat) + self.cache.free_pages == self.PAGES
+        for b, rows in enumerate(self.rows):
+            assert self.cache.block_table[b, :len(held[b])].tolist() == held[b]
+            assert len(held[b]) * self.PAGE >= len(rows)
+            if rows:
+                k = torch.cat([self.cache.k[0][p] for p in held[b]])[:len(rows)]
+                v = torch.cat([self.cache.v[0][p] for p in held[b]])[:len(rows)]
+                expected = torch.tensor(rows)[:, None, None].expand_as(k)
+                assert torch.equal(k, expected) and torch.equal(v, -expected)
+
+
+PagedCacheMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=12, deadline=None,
+                                               derandomize=True)
+TestPagedCacheStateMachine = PagedCacheMachine.TestCase
 
 
 def test_decode_steps_on_the_pool_match_the_contiguous_cache():
