@@ -395,6 +395,30 @@ def test_finished_sequences_give_their_pages_back(monkeypatch):
     assert all(keep == 2 and freed > 0 for _, keep, freed in released)
 
 
+def test_page_management_at_a_stop_check():
+    """Running sequences get pages for ``steps * k`` more rows; a finished one keeps only its scratch rows'."""
+    from tidar_kernels import generate
+
+    model = tiny_model(0)
+    ids, lens = pad_prompts(PROMPTS)
+    setup = generate._prepare(model, ids, 30, 3, 0.0, None, None, None, lens, None, None, None, 8, page_size=2)
+    loop = generate._TidarLoop(model, setup, 3, 1.0)
+    with torch.inference_mode():
+        loop.cache.reserve([ids.shape[1]] * ids.shape[0])
+        loop.prefill()
+        loop.done[1] = True
+        for _ in range(2):  # a second stop check changes nothing for the finished sequence
+            loop._manage_pages(steps=8)
+            lengths = loop.cache.seqlens.tolist()
+            assert lengths[1] == 0 and len(loop.cache.pages_of(1)) == 2  # rows [0, 3): two pages of 2
+            for b in (0, 2, 3):
+                assert len(loop.cache.pages_of(b)) * 2 >= lengths[b] + 8 * 3
+        loop.step()  # runs on the reserved pages (ops check the table: check_lengths is off in the model)
+        tk.decode_attention(torch.zeros(4, 12, 4, 16), torch.zeros(4, 12, 2, 16), torch.zeros(4, 12, 2, 16),
+                            loop.cache.k[0], loop.cache.v[0], loop.cache.seqlens.clone(), 3,
+                            block_table=loop.cache.block_table)  # the table covers the next step, checked
+
+
 def test_pool_too_small_is_a_clear_error():
     ids, lens = pad_prompts(PROMPTS)
     with pytest.raises(RuntimeError, match="page pool exhausted"):

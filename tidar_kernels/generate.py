@@ -269,7 +269,8 @@ class _Loop:
             for b in finished:
                 self.released[b] = True
         lengths = self.cache.seqlens.tolist()
-        self.cache.reserve([min(n + steps * self.width, self.cache.max_len) for n in lengths])
+        self.cache.reserve([self.width if released else min(n + steps * self.width, self.cache.max_len)
+                            for n, released in zip(lengths, self.released)])
 
     def _stream(self, stream: Callable, streamed: int) -> int:
         """Hand sequence 0's new tokens to ``stream``, up to ``max_new_tokens`` or a stop token."""
