@@ -5,6 +5,10 @@ Implementations measured in the same run, on the same inputs:
 * ``tidar-<backend>`` (ours): ``tidar_kernels.decode_attention`` /
   ``training_attention`` with each non-reference backend that supports the call
   (``cuda``, ``triton``). Smoke runs time the reference instead.
+* ``tidar-<backend>-page<P>`` (ours, decode, issue 15): the same decode step on a
+  paged cache (``block_table``, pages of ``P`` = 1, 16, 64 rows, shuffled over the
+  pool) with each backend that supports paged calls; its ``vs_tidar-<backend>``
+  column is the contiguous time over the paged time (target: >= 1/1.1 at P >= 16).
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled (eager in smoke
   runs), its ``BlockMask`` built once per shape outside the timed region. The
   ``mask_mod`` is :func:`tidar_kernels.mask.key_ranges`, not a new definition
@@ -79,6 +83,7 @@ HEADS = {  # model -> (q heads, kv heads, head dim)
     "qwen3-8b": (32, 8, 128),
 }
 SMOKE_HEADS = {"smoke": (4, 2, 16)}
+PAGE_SIZES = (1, 16, 64)  # paged decode rows: SGLang's token pool (1), vLLM's default (16), and larger
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,9 @@ class Impl:
         self.output = output or run  # the forward output for --refcheck
 
 
-def our_backends(device: torch.device, dtype: torch.dtype, head_dim: int, op: str, layout: Layout) -> list[str]:
-    """Our backends that support the call here: the kernels on CUDA, the reference in smoke runs."""
+def our_backends(device: torch.device, dtype: torch.dtype, head_dim: int, op: str, layout: Layout,
+                 paged: bool = False) -> list[str]:
+    """Our backends that support the call (paged or not) here: the kernels on CUDA, the reference in smoke runs."""
     if device.type != "cuda":
         return ["reference"]
     names = []
@@ -213,7 +219,7 @@ def our_backends(device: torch.device, dtype: torch.dtype, head_dim: int, op: st
         if name == "reference":
             continue
         try:
-            tk_backends.select(tk_backends.Call(op, device, dtype, head_dim, int(layout)), name)
+            tk_backends.select(tk_backends.Call(op, device, dtype, head_dim, int(layout), paged=paged), name)
         except ValueError:
             continue
         names.append(name)
@@ -297,6 +303,15 @@ def decode_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,
     for name in our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE):
         impls.append(Impl(f"tidar-{name}", "ours", lambda name=name: tk.decode_attention(
             q, k_new, v_new, k_cache, v_cache, lengths, k, backend=name, check_lengths=False)))
+    paged_backends = our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE, paged=True)
+    for page_size in PAGE_SIZES if paged_backends else ():
+        k_pool, table = paged_copy(k_cache, page_size, seed=page_size)
+        v_pool, _ = paged_copy(v_cache, page_size, seed=page_size)
+        for name in paged_backends:
+            impls.append(Impl(f"tidar-{name}-page{page_size}", "ours", lambda name=name, kp=k_pool, vp=v_pool,
+                              table=table: tk.decode_attention(q, k_new, v_new, kp, vp, lengths, k, backend=name,
+                                                               check_lengths=False, block_table=table),
+                              note="paged cache, pages shuffled"))
 
     # Peers: keys [cache 0..n-1 | step], [B, H, S, D]
     q4 = _to_bhsd(q)
@@ -312,6 +327,19 @@ def decode_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,
     impls.append(sdpa_impl("causal", q4, keys, values, True, None, device, False))
     impls += _flash_attn_decode(inputs) + _flashinfer(shape, inputs, dense, device)
     return impls, inputs
+
+
+def paged_copy(cache: torch.Tensor, page_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cache [B, L, H, D]`` as a page pool ``[B * ceil(L / P), P, H, D]`` and its block table
+    ``int32 [B, ceil(L / P)]``; pages are shuffled over the pool, as in a fragmented server."""
+    batch, length = cache.shape[:2]
+    columns = -(-length // page_size)
+    order = torch.randperm(batch * columns, generator=torch.Generator().manual_seed(seed)).to(cache.device)
+    padded = cache.new_zeros((batch, columns * page_size, *cache.shape[2:]))
+    padded[:, :length] = cache
+    pool = torch.empty((batch * columns, page_size, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
+    pool[order] = padded.view(batch * columns, page_size, *cache.shape[2:])  # page (b, c) -> order[b * cols + c]
+    return pool, order.view(batch, columns).to(torch.int32)
 
 
 def training_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,

@@ -22,6 +22,12 @@ once every ``sync_every`` steps, and on CUDA the step is captured once in a
 ``prompt_lens`` (or given an ``attention_mask``, left or right padded); every
 sequence has its own lengths, acceptance and stop; finished sequences stay in
 the batch with ``active = False`` (they accept nothing and emit nothing).
+
+With ``page_size`` the loops run on a :class:`~tidar_kernels.kv_cache.PagedKVCache`:
+at each stop check (already a synchronisation) every running sequence gets the
+pages of the rows the next ``sync_every`` steps can write, and a finished
+sequence gives back all pages but those of its scratch rows, so a step never
+allocates. Output is identical to the contiguous cache's.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Unio
 import torch
 
 from . import ops
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PagedKVCache
 from .mask import Layout, local_position_ids
 from .model import AttentionContext
 
@@ -198,7 +204,11 @@ class _Loop:
         self.prompt_ids, self.prompt_lens = setup.input_ids, setup.prompt_lens
         self.max_new_tokens = max_new_tokens = setup.max_new_tokens
         batch, device = self.prompt_ids.shape[0], self.prompt_ids.device
-        self.cache = KVCache.for_model(model, batch, setup.cache_len)
+        if setup.page_size is None:
+            self.cache = KVCache.for_model(model, batch, setup.cache_len)
+        else:
+            self.cache = PagedKVCache.for_model(model, batch, setup.cache_len, setup.page_size, setup.num_pages)
+        self.released = [False] * batch  # paged: sequences whose pages went back to the pool
         self.out = torch.zeros(batch, max_new_tokens + 2 * width, dtype=torch.long, device=device)
         self.emitted = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -234,6 +244,8 @@ class _Loop:
     def run(self, max_steps: int, sync_every: int, use_graph: bool, stream: Optional[Callable]) -> int:
         """Prefill, then up to ``max_steps`` steps; returns the number of forwards."""
         with torch.inference_mode():
+            if isinstance(self.cache, PagedKVCache):  # the prefill writes the padded prompt rows
+                self.cache.reserve([self.prompt_ids.shape[1]] * self.cache.batch)
             self.prefill()
             graph, steps, streamed = None, 0, 0
             while steps < max_steps:
@@ -242,6 +254,8 @@ class _Loop:
                         streamed = self._stream(stream, streamed)
                     if bool(self.done.all()):
                         break
+                    if isinstance(self.cache, PagedKVCache):
+                        self._manage_pages(min(sync_every, max_steps - steps))
                 if use_graph and graph is None and steps > 0:  # step 0 ran eagerly: the warm-up
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
@@ -260,6 +274,24 @@ class _Loop:
             if stream is not None:
                 self._stream(stream, streamed)
         return 1 + steps
+
+    def _manage_pages(self, steps: int) -> None:
+        """Paged cache, at a stop check: pages for the next ``steps`` steps, finished sequences' back.
+
+        A step of a running sequence writes ``width`` rows past ``n_b`` and commits at
+        most ``width``, so ``steps`` steps write below ``n_b + steps * width``. A finished
+        sequence still runs (inactive), writing ``width`` scratch rows past its length:
+        its length goes to 0 and it keeps only the pages of rows ``[0, width)``.
+        """
+        finished = [b for b, done in enumerate(self.done.tolist()) if done and not self.released[b]]
+        if finished:
+            self.cache.seqlens[finished] = 0
+            self.cache.release(finished, keep_rows=self.width)
+            for b in finished:
+                self.released[b] = True
+        lengths = self.cache.seqlens.tolist()
+        self.cache.reserve([self.width if released else min(n + steps * self.width, self.cache.max_len)
+                            for n, released in zip(lengths, self.released)])
 
     def _stream(self, stream: Callable, streamed: int) -> int:
         """Hand sequence 0's new tokens to ``stream``, up to ``max_new_tokens`` or a stop token."""
@@ -394,7 +426,8 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
                    prompt_lens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None, pad_token_id: Optional[int] = None,
                    max_len: Optional[int] = None, sync_every: int = 8, cuda_graph: bool = True,
-                   stream: Optional[Callable[[list[int]], None]] = None) -> GenerationResult:
+                   stream: Optional[Callable[[list[int]], None]] = None, page_size: Optional[int] = None,
+                   num_pages: Optional[int] = None) -> GenerationResult:
     """TiDAR decoding (TIDAR.md sections 3-6) of a batch of prompts.
 
     ``input_ids [B, P]`` int64 prompts, right-padded with ``prompt_lens`` (int ``[B]``,
@@ -407,7 +440,9 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
     2k``). ``sync_every``: steps between stop checks on CUDA (CPU: every step).
     ``cuda_graph``: capture the step on CUDA (not with a custom ``generator``, whose
     state a graph would not advance). ``stream(tokens)`` receives sequence 0's new
-    tokens at each stop check.
+    tokens at each stop check. ``page_size``: run on a paged KV cache with pages of
+    that many rows, from a pool of ``num_pages`` (default: enough for every sequence
+    at ``max_len``; a smaller pool that runs short raises RuntimeError at a stop check).
     """
     start = time.perf_counter()
     _check_int("draft_len", draft_len)
@@ -417,7 +452,7 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     setup = _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, top_p, eos_token_id,
-                     prompt_lens, attention_mask, generator, max_len, sync_every)
+                     prompt_lens, attention_mask, generator, max_len, sync_every, page_size, num_pages)
     loop = _TidarLoop(model, setup, draft_len, float(beta))
     return _finish(loop, setup, start, pad_token_id, cuda_graph, stream)
 
@@ -427,14 +462,15 @@ def ar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens: in
                 prompt_lens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, pad_token_id: Optional[int] = None,
                 max_len: Optional[int] = None, sync_every: int = 8, cuda_graph: bool = True,
-                stream: Optional[Callable[[list[int]], None]] = None) -> GenerationResult:
+                stream: Optional[Callable[[list[int]], None]] = None, page_size: Optional[int] = None,
+                num_pages: Optional[int] = None) -> GenerationResult:
     """Plain autoregressive decoding with the same model, cache and stopping rules (the baseline).
 
     Arguments as :func:`tidar_generate`; the cache default is ``P + max_new_tokens``.
     """
     start = time.perf_counter()
     setup = _prepare(model, input_ids, max_new_tokens, 0, temperature, top_k, top_p, eos_token_id, prompt_lens,
-                     attention_mask, generator, max_len, sync_every)
+                     attention_mask, generator, max_len, sync_every, page_size, num_pages)
     return _finish(_ArLoop(model, setup), setup, start, pad_token_id, cuda_graph, stream)
 
 
@@ -448,6 +484,8 @@ class _Setup(NamedTuple):
     stop_tokens: list[int]
     sampling: _Sampling
     sync_every: int
+    page_size: Optional[int] = None  # paged KV cache (None: contiguous)
+    num_pages: Optional[int] = None
 
 
 def _finish(loop: _Loop, setup: _Setup, start: float, pad_token_id, cuda_graph, stream) -> GenerationResult:
@@ -462,7 +500,7 @@ def _finish(loop: _Loop, setup: _Setup, start: float, pad_token_id, cuda_graph, 
 
 
 def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, top_p, eos_token_id, prompt_lens,
-             attention_mask, generator, max_len, sync_every) -> _Setup:
+             attention_mask, generator, max_len, sync_every, page_size=None, num_pages=None) -> _Setup:
     """Validate the arguments, compact padded prompts to the right, size the cache (syncs: once, up front)."""
     device = model.device
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
@@ -475,6 +513,11 @@ def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, to
                          f"got shape {tuple(input_ids.shape)}")
     _check_int("max_new_tokens", max_new_tokens)
     _check_int("sync_every", sync_every)
+    for name, value in (("page_size", page_size), ("num_pages", num_pages)):
+        if value is not None:
+            _check_int(name, value)
+    if num_pages is not None and page_size is None:
+        raise ValueError(f"num_pages ({num_pages}) needs page_size (the paged cache), got page_size None")
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None:
@@ -514,7 +557,8 @@ def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, to
         raise ValueError(f"max_len (KV cache rows) must be >= prompt length {padded} + max_new_tokens "
                          f"{max_new_tokens} + 2 * draft_len {draft_len} = {needed}, got {max_len}")
     sampling = _Sampling(float(temperature), top_k, top_p, generator)
-    return _Setup(input_ids, prompt_lens, max_new_tokens, max_len, stop_tokens, sampling, sync_every)
+    return _Setup(input_ids, prompt_lens, max_new_tokens, max_len, stop_tokens, sampling, sync_every, page_size,
+                  num_pages)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:

@@ -13,39 +13,38 @@ The ops do not check lengths inside the decode loop (``check_lengths=False``):
 (a ``max_len`` that is too small is a clear error before anything is written).
 Code that drives the cache step by step itself calls :meth:`KVCache.check_room`
 (or leaves ``check_lengths`` on) before each write.
+
+:class:`PagedKVCache` keeps the same committed lengths but stores K/V in page
+pools addressed through a block table (flash-attn's ``flash_attn_with_kvcache``
+convention, what serving engines hand their kernels): pages are taken from the
+pool between steps (:meth:`PagedKVCache.reserve`, on the host) and given back
+when a sequence finishes (:meth:`PagedKVCache.release`), so a step itself never
+allocates or synchronises.
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 
-class KVCache:
-    """Per-layer K and V caches ``[batch, max_len, kv_heads, head_dim]`` and the committed ``seqlens``."""
+def _check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
-    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        for name, value in (("n_layers", n_layers), ("batch", batch), ("max_len", max_len),
-                            ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        shape = (batch, max_len, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
-    @classmethod
-    def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
-        """A cache shaped for ``model`` (a :class:`tidar_kernels.model.Transformer`), in its dtype and device."""
-        c = model.config
-        return cls(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, dtype=model.dtype, device=model.device)
+class _Lengths:
+    """The committed lengths ``seqlens`` (int32 ``[batch]``, on the device) shared by both caches."""
+
+    seqlens: torch.Tensor
+    max_len: int
+    # Contiguous caches have no block table; the ops take ``block_table=cache.block_table``.
+    block_table: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
         return self.seqlens.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
 
     def check_room(self, rows: int) -> None:
         """Raise ValueError unless every sequence can take ``rows`` more rows (reads the lengths: syncs)."""
@@ -81,3 +80,132 @@ class KVCache:
         if host and bool(((lengths < 0) | (lengths > self.max_len)).any()):
             raise ValueError(f"lengths must lie in [0, max_len={self.max_len}], got {lengths.tolist()}")
         self.seqlens.copy_(lengths.to(torch.int32))
+
+
+class KVCache(_Lengths):
+    """Per-layer K and V caches ``[batch, max_len, kv_heads, head_dim]`` and the committed ``seqlens``."""
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        _check_sizes(n_layers=n_layers, batch=batch, max_len=max_len, n_kv_heads=n_kv_heads, head_dim=head_dim)
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> "KVCache":
+        """A cache shaped for ``model`` (a :class:`tidar_kernels.model.Transformer`), in its dtype and device."""
+        c = model.config
+        return cls(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, dtype=model.dtype, device=model.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+class PagedKVCache(_Lengths):
+    """Per-layer page pools ``[num_pages, page_size, kv_heads, head_dim]``, one ``block_table`` and ``seqlens``.
+
+    Row ``t`` of sequence ``b`` lives in page ``block_table[b, t // page_size]``, slot
+    ``t % page_size`` (every layer uses the same table). ``block_table`` is int32
+    ``[batch, ceil(max_len / page_size)]`` on the device; entries of pages not yet
+    reserved hold :data:`NO_PAGE` (-1), which the ops reject if a call would touch them.
+    The allocator lives on the host: :meth:`reserve` before a step (or a run of steps)
+    gives each sequence the pages its rows will need, :meth:`release` gives a
+    finished sequence's pages back to the pool. Commit and rollback only move
+    ``seqlens``, as in :class:`KVCache`.
+    """
+
+    NO_PAGE = -1
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, page_size: int,
+                 num_pages: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None):
+        _check_sizes(n_layers=n_layers, batch=batch, max_len=max_len, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                     page_size=page_size)
+        pages_per_seq = -(-max_len // page_size)
+        if num_pages is None:  # enough for every sequence at full length: never runs short
+            num_pages = batch * pages_per_seq
+        _check_sizes(num_pages=num_pages)
+        shape = (num_pages, page_size, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.block_table = torch.full((batch, pages_per_seq), self.NO_PAGE, dtype=torch.int32, device=device)
+        self._table = torch.full((batch, pages_per_seq), self.NO_PAGE, dtype=torch.int32)  # host copy
+        self._owned = [0] * batch  # pages held by each sequence: table columns [0, owned)
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: the lowest page is handed out first
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int, page_size: int,
+                  num_pages: Optional[int] = None) -> "PagedKVCache":
+        """A paged cache shaped for ``model`` (a :class:`tidar_kernels.model.Transformer`), in its dtype and device."""
+        c = model.config
+        return cls(c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, page_size, num_pages, dtype=model.dtype,
+                   device=model.device)
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        """Rows each sequence can address: ``max_pages_per_seq * page_size``."""
+        return self.block_table.shape[1] * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_of(self, sequence: int) -> list[int]:
+        """The pages sequence ``sequence`` holds, in row order."""
+        return self._table[sequence, :self._owned[sequence]].tolist()
+
+    def reserve(self, rows: Sequence[int]) -> None:
+        """Give each sequence ``b`` the pages of its rows ``[0, rows[b])`` (host integers ``[batch]``).
+
+        Takes missing pages from the pool and updates the device table with one copy;
+        pages already held are kept. Raises before changing anything when a sequence
+        would need more than ``max_len`` rows or the pool has too few free pages.
+        """
+        rows = [int(r) for r in torch.as_tensor(rows).reshape(-1).tolist()]
+        if len(rows) != self.batch or any(r < 0 or r > self.max_len for r in rows):
+            raise ValueError(f"rows must be {self.batch} integers in [0, max_len={self.max_len}], got {rows}")
+        wanted = [max(0, -(-r // self.page_size) - owned) for r, owned in zip(rows, self._owned)]
+        if sum(wanted) > len(self._free):
+            raise RuntimeError(f"KV page pool exhausted: {sum(wanted)} more pages of {self.page_size} rows needed "
+                               f"for rows {rows}, {len(self._free)} of {self.num_pages} free; give finished "
+                               f"sequences' pages back (release) or make a larger pool (num_pages)")
+        if not any(wanted):
+            return
+        for b, count in enumerate(wanted):
+            for _ in range(count):
+                self._table[b, self._owned[b]] = self._free.pop()
+                self._owned[b] += 1
+        self.block_table.copy_(self._table)
+
+    def release(self, sequences: Sequence[int], keep_rows: int = 0) -> None:
+        """Give back the pages of ``sequences`` past those holding rows ``[0, keep_rows)``.
+
+        The caller must no longer use rows past ``keep_rows`` of those sequences (e.g.
+        :meth:`reset` their lengths to 0 when they finished); the freed table entries
+        become :data:`NO_PAGE`, so a call touching them is rejected by the ops.
+        """
+        sequences = [int(b) for b in sequences]
+        if any(not 0 <= b < self.batch for b in sequences) or keep_rows < 0:
+            raise ValueError(f"sequences must lie in [0, batch={self.batch}) and keep_rows >= 0, got {sequences} "
+                             f"and {keep_rows}")
+        keep = -(-int(keep_rows) // self.page_size)
+        changed = False
+        for b in sequences:
+            while self._owned[b] > keep:
+                self._owned[b] -= 1
+                self._free.append(int(self._table[b, self._owned[b]]))
+                self._table[b, self._owned[b]] = self.NO_PAGE
+                changed = True
+        if changed:
+            self.block_table.copy_(self._table)

@@ -130,7 +130,8 @@ class AttentionContext:
     """Which tidar op every layer calls, and the state that op needs.
 
     ``block_size`` is ``B`` (training) or the draft length ``k`` (prefill,
-    decode). ``cache`` is a :class:`tidar_kernels.kv_cache.KVCache`: required by
+    decode). ``cache`` is a :class:`tidar_kernels.kv_cache.KVCache` or
+    :class:`~tidar_kernels.kv_cache.PagedKVCache` (its ``block_table`` goes to the ops): required by
     PREFILL and DECODE, optional for CAUSAL (with a cache: the AR prefill and AR
     step), never with TRAINING. ``prompt_lens`` (int32 ``[batch]``) are the real
     prompt lengths of a right-padded prefill. Cached calls pass
@@ -160,13 +161,14 @@ class AttentionContext:
                 return ops.training_attention(q, k, v, self.block_size)
             return ops.causal_attention(q, k, v)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        seqlens = self.cache.seqlens
+        seqlens, table = self.cache.seqlens, self.cache.block_table  # table: None unless the cache is paged
         if self.layout == Layout.DECODE:
-            return ops.decode_attention(q, k, v, k_cache, v_cache, seqlens, self.block_size, check_lengths=False)
+            return ops.decode_attention(q, k, v, k_cache, v_cache, seqlens, self.block_size, check_lengths=False,
+                                        block_table=table)
         if self.layout == Layout.PREFILL:
             return ops.prefill_attention(q, k, v, k_cache, v_cache, seqlens, self.prompt_lens, self.block_size,
-                                         check_lengths=False)
-        return ops.append_attention(q, k, v, k_cache, v_cache, seqlens, check_lengths=False)
+                                         check_lengths=False, block_table=table)
+        return ops.append_attention(q, k, v, k_cache, v_cache, seqlens, check_lengths=False, block_table=table)
 
 
 CAUSAL = AttentionContext(Layout.CAUSAL)

@@ -5,6 +5,14 @@ Tensor layout as flash-attn: ``q [batch, seq, q_heads, head_dim]``, K/V with
 head_dim]`` and committed lengths ``cache_seqlens`` int32 ``[batch]`` on the
 device. Every check here runs before any backend writes anything.
 
+Paged KV (flash-attn's ``flash_attn_with_kvcache`` convention): the cached ops take
+an optional ``block_table`` int32 ``[batch, max_pages_per_seq]``; the caches are
+then page pools ``[num_pages, page_size, kv_heads, head_dim]`` and token ``t`` of
+sequence ``b`` lives in page ``block_table[b, t // page_size]``, slot
+``t % page_size``. Each sequence's capacity is ``max_pages_per_seq * page_size``
+rows; only the table columns covering rows ``[0, n_b + rows)`` are read, and they
+must hold distinct pages in ``[0, num_pages)`` (checked with the lengths).
+
 Value checks on ``cache_seqlens`` (``n + rows <= max_len``) need the lengths on
 the host. They run unless ``check_lengths=False``, a CUDA graph is being
 captured, or torch.compile is tracing: the decode loop checks its budget once
@@ -61,75 +69,80 @@ def _attention(q, k, v, layout, block_size, softmax_scale, backend):
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_seqlens: torch.Tensor, draft_len: int,
                      softmax_scale: Optional[float] = None, backend: Optional[str] = None, *,
-                     check_lengths: bool = True) -> torch.Tensor:
+                     check_lengths: bool = True, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One TiDAR decode step (TIDAR.md section 4).
 
     ``q``/``k_new``/``v_new`` hold the ``k + k*k`` step tokens
     ``[d_0..d_{k-1} | block 1 | ... | block k]`` of each sequence. Writes the
     drafts' K/V into the cache at rows ``[n, n+k)`` in place (mask K/V never) and
     leaves ``cache_seqlens`` unchanged: committing is :func:`accept_drafts`'s job.
+    With ``block_table`` the caches are page pools (see the module docstring).
     """
     _check_int("draft_len", draft_len, minimum=1)
     rows = draft_len + draft_len * draft_len
-    _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, expected_rows=rows,
-                  rows_what=f"k + k*k = {rows} for draft_len={draft_len}")
+    capacity = _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, expected_rows=rows,
+                             rows_what=f"k + k*k = {rows} for draft_len={draft_len}")
     if check_lengths:
-        _check_room(cache_seqlens, draft_len, k_cache.shape[1])
+        _check_room(cache_seqlens, draft_len, capacity, block_table, k_cache)
     return _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, Layout.DECODE, draft_len,
-                   softmax_scale, backend)
+                   softmax_scale, backend, block_table)
 
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, cache_seqlens: torch.Tensor, prompt_lens: torch.Tensor,
                       draft_len: int, softmax_scale: Optional[float] = None, backend: Optional[str] = None, *,
-                      check_lengths: bool = True) -> torch.Tensor:
+                      check_lengths: bool = True, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TiDAR prefill (TIDAR.md section 3): the prompt, causal, then one mask block.
 
     Rows are ``[prompt padded to P | k mask tokens]``; ``prompt_lens`` int32
     ``[batch]`` (``1 <= L_b <= P``) gives each real prompt length, and the mask
     block of sequence ``b`` sees cache ``[0, n_b)`` plus prompt rows ``[0, L_b)``.
     Writes the ``P`` prompt rows' K/V at ``[n, n+P)`` (rows past ``L_b`` are padding
-    the caller will not commit); ``cache_seqlens`` is unchanged.
+    the caller will not commit); ``cache_seqlens`` is unchanged. ``block_table``: paged caches.
     """
     _check_int("draft_len", draft_len, minimum=1)
-    _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens)
+    capacity = _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
     padded = q.shape[1] - draft_len
     if padded < 1:
         raise ValueError(f"q.shape[1] must be padded prompt length + draft_len >= {draft_len + 1}, "
                          f"got {q.shape[1]}")
     _check_lengths_tensor("prompt_lens", prompt_lens, q)
     if check_lengths:
-        _check_room(cache_seqlens, padded, k_cache.shape[1])
+        _check_room(cache_seqlens, padded, capacity, block_table, k_cache)
         if not _skip_value_checks(prompt_lens):
             bad = (prompt_lens < 1) | (prompt_lens > padded)
             if bool(bad.any()):
                 raise ValueError(f"prompt_lens must lie in [1, {padded}] (the padded prompt rows), "
                                  f"got {prompt_lens.tolist()}")
     return _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, prompt_lens, Layout.PREFILL, draft_len,
-                   softmax_scale, backend)
+                   softmax_scale, backend, block_table)
 
 
 def append_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_seqlens: torch.Tensor, softmax_scale: Optional[float] = None,
-                     backend: Optional[str] = None, *, check_lengths: bool = True) -> torch.Tensor:
+                     backend: Optional[str] = None, *, check_lengths: bool = True,
+                     block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of ``T`` new tokens over the cache (AR decoding and AR prefill).
 
     Writes all ``T`` new rows' K/V at ``[n, n+T)``; ``cache_seqlens`` is unchanged.
+    ``block_table``: paged caches (see the module docstring).
     """
-    _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens)
+    capacity = _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
     if check_lengths:
-        _check_room(cache_seqlens, q.shape[1], k_cache.shape[1])
+        _check_room(cache_seqlens, q.shape[1], capacity, block_table, k_cache)
     return _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, Layout.CAUSAL, 1, softmax_scale,
-                   backend)
+                   backend, block_table)
 
 
 def _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size,
-            softmax_scale, backend):
+            softmax_scale, backend, block_table):
     scale = _scale(softmax_scale, q)
-    call = Call(backends.CACHED_ATTENTION, q.device, q.dtype, q.shape[-1], int(layout))
+    paged = block_table is not None
+    call = Call(backends.CACHED_ATTENTION, q.device, q.dtype, q.shape[-1], int(layout), paged=paged)
     chosen = backends.select(call, backend)
-    return chosen.cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                                   int(layout), block_size, scale)
+    args = (q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, int(layout), block_size, scale)
+    # Only backends that declare paged support ever see the table (the CUDA op's schema has none).
+    return chosen.cached_attention(*args, block_table=block_table) if paged else chosen.cached_attention(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -226,15 +239,22 @@ def _check_lengths_tensor(name, lengths, like):
     _check_same_device(name, lengths, like)
 
 
-def _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, expected_rows=None, rows_what=""):
+def _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=None, expected_rows=None,
+                  rows_what="") -> int:
+    """Static checks of a cached call; returns each sequence's capacity in cache rows."""
     _check_qkv(q, k_new, v_new, names=("q", "k_new", "v_new"))
     if q.shape[1] < 1 or (expected_rows is not None and q.shape[1] != expected_rows):
         raise ValueError(f"q.shape[1] must be {rows_what or '>= 1'}, got {q.shape[1]}")
     batch, _, kv_heads, head_dim = k_new.shape
+    paged = block_table is not None
+    dims = "[num_pages, page_size, kv_heads, head_dim]" if paged else "[batch, max_len, kv_heads, head_dim]"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor [batch, max_len, kv_heads, head_dim]")
-        if cache.shape[0] != batch or cache.shape[2:] != (kv_heads, head_dim):
+            raise ValueError(f"{name} must be a 4-d tensor {dims}")
+        if paged and (cache.shape[0] < 1 or cache.shape[1] < 1 or cache.shape[2:] != (kv_heads, head_dim)):
+            raise ValueError(f"{name} must be [num_pages >= 1, page_size >= 1, kv_heads={kv_heads}, "
+                             f"head_dim={head_dim}] with block_table, got {tuple(cache.shape)}")
+        if not paged and (cache.shape[0] != batch or cache.shape[2:] != (kv_heads, head_dim)):
             raise ValueError(f"{name} must be [batch={batch}, max_len, kv_heads={kv_heads}, head_dim={head_dim}], "
                              f"got {tuple(cache.shape)}")
         if cache.dtype != q.dtype:
@@ -243,6 +263,17 @@ def _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, expected_row
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     _check_lengths_tensor("cache_seqlens", cache_seqlens, q)
+    if not paged:
+        return k_cache.shape[1]
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        got = f"{block_table.dtype} {tuple(block_table.shape)}" if isinstance(block_table, torch.Tensor) else \
+            type(block_table).__name__
+        raise ValueError(f"block_table must be an int32 tensor [batch, max_pages_per_seq] or None, got {got}")
+    if block_table.shape[0] != batch or block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have shape [batch={batch}, max_pages_per_seq >= 1], "
+                         f"got {tuple(block_table.shape)}")
+    _check_same_device("block_table", block_table, q)
+    return block_table.shape[1] * k_cache.shape[1]
 
 
 def _skip_value_checks(lengths: torch.Tensor) -> bool:
@@ -252,12 +283,36 @@ def _skip_value_checks(lengths: torch.Tensor) -> bool:
     return lengths.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _check_room(cache_seqlens, rows, max_len):
+def _check_room(cache_seqlens, rows, max_len, block_table=None, page_pool=None):
+    """``0 <= n_b`` and ``n_b + rows <= max_len``; with a block table (and its ``page_pool``, the
+    k_cache), the pages of rows ``[0, n_b + rows)``."""
     if _skip_value_checks(cache_seqlens):
         return
     lengths = cache_seqlens.cpu()
     if bool((lengths < 0).any()):
         raise ValueError(f"cache_seqlens must be >= 0, got {lengths.tolist()}")
     if bool((lengths + rows > max_len).any()):
-        raise ValueError(f"cache_seqlens + {rows} new rows must be <= max_len={max_len} (cache overflow), "
+        what = "max_pages_per_seq * page_size" if block_table is not None else "max_len"
+        raise ValueError(f"cache_seqlens + {rows} new rows must be <= {what}={max_len} (cache overflow), "
                          f"got cache_seqlens={lengths.tolist()}")
+    if block_table is not None:
+        num_pages, page_size = page_pool.shape[:2]
+        _check_pages(block_table.cpu(), lengths + rows, page_size, num_pages)
+
+
+def _check_pages(table, rows_used, page_size, num_pages):
+    """Table columns covering rows ``[0, rows_used[b])`` hold distinct pages in ``[0, num_pages)``."""
+    columns_used = (rows_used + page_size - 1) // page_size  # [batch]
+    used = torch.arange(table.shape[1])[None, :] < columns_used[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        b, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {column}] must be a page in [0, num_pages={num_pages}) (it holds rows "
+                         f"of cache_seqlens + new rows = {int(rows_used[b])}), got {int(table[b, column])}")
+    pages = table[used]
+    distinct, counts = pages.unique(return_counts=True)
+    if bool((counts > 1).any()):
+        page = int(distinct[counts > 1][0])
+        owners = [(int(b), int(c)) for b, c in (used & (table == page)).nonzero()]
+        raise ValueError(f"block_table must give each (sequence, column) in use its own page, got page {page} "
+                         f"at (sequence, column) {owners}")

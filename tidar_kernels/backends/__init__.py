@@ -38,6 +38,7 @@ class Call(NamedTuple):
     dtype: torch.dtype
     head_dim: int
     layout: int
+    paged: bool = False  # cached ops: the caches are page pools addressed through a block_table
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def select(call: Call, requested: Optional[str]) -> Backend:
         if not _supports(backend, call):
             why = "is not available on this machine" if backend is None else "does not support this call"
             raise ValueError(f"backend={requested!r} {why}: {call.op} on {call.device.type} with dtype "
-                             f"{call.dtype}, head_dim {call.head_dim}, layout {call.layout}; "
+                             f"{call.dtype}, head_dim {call.head_dim}, layout {call.layout}, paged {call.paged}; "
                              f"available backends: {available()}")
         return backend
     preferred = os.environ.get(ENV_VAR) or None

@@ -41,7 +41,9 @@ def _has_kernels_for(device_index: int) -> bool:
 
 
 def _supports(call: Call) -> bool:
-    if call.device.type != "cuda":
+    # Paged caches (block_table): not supported, the kernel addresses a contiguous
+    # [batch, max_len] cache only; selection falls back to Triton or the reference.
+    if call.device.type != "cuda" or call.paged:
         return False
     if call.op == CACHED_ATTENTION:
         ok = (call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS

@@ -94,23 +94,81 @@ def cached_mask(layout: Layout, cache_seqlens: torch.Tensor, max_len: int, num_r
     return torch.cat([cache_part, local_part], dim=-1)
 
 
+def cache_capacity(k_cache: torch.Tensor, block_table) -> int:
+    """Rows each sequence can hold: ``max_len``, or ``max_pages_per_seq * page_size`` when paged."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def cache_locations(positions: torch.Tensor, k_cache: torch.Tensor, block_table):
+    """Where cache rows ``positions [B, R]`` (per sequence) live: ``k_cache[outer, inner]``.
+
+    Contiguous ``[B, max_len, ...]``: ``(b, t)``. Paged ``[num_pages, page_size, ...]``:
+    ``(block_table[b, t // page_size], t % page_size)``. Returns ``(outer, inner, exists)``,
+    all ``[B, R]``; a position past the capacity or whose table entry is outside
+    ``[0, num_pages)`` does not exist (its indices are clamped so gathers stay in bounds).
+    """
+    capacity = cache_capacity(k_cache, block_table)
+    exists = (positions >= 0) & (positions < capacity)
+    positions = positions.clamp(0, capacity - 1)
+    if block_table is None:
+        batch = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        return batch, positions, exists
+    num_pages, page_size = k_cache.shape[:2]
+    page = block_table.long().gather(1, positions // page_size)
+    exists &= (page >= 0) & (page < num_pages)
+    return page.clamp(0, num_pages - 1), positions % page_size, exists
+
+
+def read_span(cache_seqlens: torch.Tensor, capacity: int) -> int:
+    """How many cache rows per sequence the reference gathers.
+
+    ``max_b n_b`` (clamped to the capacity) where reading the lengths is free (CPU
+    tensors): each call costs O(n), not O(capacity). On a GPU reading them would
+    synchronise, so the span stays the static capacity; rows past ``n_b`` are still
+    replaced by zeros before any arithmetic, so what they hold never matters.
+    """
+    if cache_seqlens.device.type != "cpu" or cache_seqlens.numel() == 0:
+        return capacity
+    return max(0, min(capacity, int(cache_seqlens.max())))
+
+
+def gather_cache(cache: torch.Tensor, cache_seqlens: torch.Tensor, block_table, span: int) -> torch.Tensor:
+    """Rows ``[0, span)`` of every sequence as ``[B, span, kv_heads, head_dim]``, rows at or past
+    ``n_b`` (and rows without a page) as exact zeros: garbage there (NaN, Inf) is selected away,
+    never multiplied."""
+    batch = cache_seqlens.shape[0]
+    positions = torch.arange(span, device=cache.device).expand(batch, span)
+    outer, inner, exists = cache_locations(positions, cache, block_table)
+    gathered = cache[outer, inner]
+    keep = exists & (positions < cache_seqlens.long()[:, None])
+    return torch.where(keep[:, :, None, None], gathered, torch.zeros((), dtype=cache.dtype, device=cache.device))
+
+
 def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                     layout: int, block_size: int, scale: float):
+                     layout: int, block_size: int, scale: float, block_table=None):
     """Attention of the step rows over cache ``[0, n_b)`` and their own keys; writes the
-    clean step rows' K/V into the cache at ``[n_b, n_b + W)`` in place."""
+    clean step rows' K/V into the cache at ``[n_b, n_b + W)`` in place.
+
+    ``block_table`` (int32 ``[B, max_pages_per_seq]``): the caches are page pools
+    ``[num_pages, page_size, ...]`` addressed through it (see :func:`cache_locations`).
+    Only rows ``[0, n_b)`` are read. Every written row must exist (``n_b + W`` within the
+    capacity, valid table entries: :mod:`tidar_kernels.ops` checks it); an unchecked bad
+    length or entry makes the write raise an index error instead of landing elsewhere.
+    """
     layout = Layout(layout)
     batch, num_rows = q.shape[:2]
     clean_rows = tidar_mask.layout_clean_rows(layout, num_rows, block_size)
-    max_len = k_cache.shape[1]
-    allowed = cached_mask(layout, cache_seqlens, max_len, num_rows, clean_rows, block_size, context_lens)
-    keys = torch.cat([k_cache, k_new.to(k_cache.dtype)], dim=1)
-    values = torch.cat([v_cache, v_new.to(v_cache.dtype)], dim=1)
+    span = read_span(cache_seqlens, cache_capacity(k_cache, block_table))
+    allowed = cached_mask(layout, cache_seqlens, span, num_rows, clean_rows, block_size, context_lens)
+    keys = torch.cat([gather_cache(k_cache, cache_seqlens, block_table, span), k_new.to(k_cache.dtype)], dim=1)
+    values = torch.cat([gather_cache(v_cache, cache_seqlens, block_table, span), v_new.to(v_cache.dtype)], dim=1)
     out, _ = masked_attention(q, keys, values, allowed, scale)
     written = tidar_mask.rows_written_to_cache(layout, num_rows, block_size)
-    index = (cache_seqlens.long()[:, None] + torch.arange(written, device=q.device))  # [B, W]
-    index = index[:, :, None, None].expand(batch, written, *k_cache.shape[2:])
-    k_cache.scatter_(1, index, k_new[:, :written].to(k_cache.dtype))
-    v_cache.scatter_(1, index, v_new[:, :written].to(v_cache.dtype))
+    positions = cache_seqlens.long()[:, None] + torch.arange(written, device=q.device)  # [B, W]
+    outer, inner, exists = cache_locations(positions, k_cache, block_table)
+    outer = torch.where(exists, outer, k_cache.shape[0])  # a missing row: out of range, raises, never wraps
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        cache.index_put_((outer, inner), new[:, :written].to(cache.dtype))
     return out.to(q.dtype).contiguous()
 
 

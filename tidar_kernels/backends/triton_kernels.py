@@ -53,15 +53,30 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_
     """One key tile ``[n0, n0 + BLOCK_N)`` (loads clipped to ``n_end``) of online softmax.
 
     Unmasked (FULL) tiles must lie entirely below ``n_end``; a MASKED tile lets row
-    ``i`` see only the columns in ``[lo_i, hi_i)``. ``m_i`` is the running max of the
-    base-2 logits and ``l_i`` the running sum of ``exp2(s - m_i)``; a row that has seen
-    nothing yet keeps ``m_i = -inf`` (``m_safe`` avoids ``-inf - -inf``).
+    ``i`` see only the columns in ``[lo_i, hi_i)``. Keys are rows of a
+    ``[seq, head_dim]`` view at ``k_base``/``v_base`` (see :func:`_attend_keys`).
     """
     cols = n0 + offs_n
     col_ok = cols < n_end
     cols64 = cols.to(tl.int64)
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    k_ptrs = k_base + cols64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols64[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    return _attend_keys(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, cols, lo, hi, qk_scale,
+                        MASKED=MASKED, PRECISION=PRECISION)
+
+
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, cols, lo, hi, qk_scale,
+                 MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update with the key tile at ``k_ptrs``/``v_ptrs`` ``[BLOCK_N, BLOCK_D]``.
+
+    Entries outside ``kv_mask`` load as 0 and are never read. ``cols`` are the keys'
+    positions for the MASKED rule (row ``i`` sees ``[lo_i, hi_i)``). ``m_i`` is the
+    running max of the base-2 logits and ``l_i`` the running sum of ``exp2(s - m_i)``;
+    a row that has seen nothing yet keeps ``m_i = -inf`` (``m_safe`` avoids ``-inf - -inf``).
+    """
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -71,7 +86,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + cols64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
@@ -125,20 +140,60 @@ def _attend_masked(acc, m_i, l_i, q, t, t_ok, k_base, v_base, stride_kn, stride_
 
 
 @triton.jit
-def _attend_dense(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  start, end, qk_scale, offs_n, offs_d, d_ok,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Every row attends to every key in ``[start, end)``: FULL tiles, then one masked tail."""
+def _cache_slots(positions, ok, b, BlockTable, sbt_b, sbt_p, num_pages,
+                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Where cache rows ``positions`` of sequence ``b`` live: ``(outer, inner, ok)``, int64.
+
+    Contiguous cache ``[batch, max_len, ...]``: ``(b, t)``. Paged pool ``[num_pages,
+    PAGE_SIZE, ...]``: ``(block_table[b, t // PAGE_SIZE], t % PAGE_SIZE)``; only the
+    table entries of rows in ``ok`` are loaded, and a row whose entry lies outside
+    ``[0, num_pages)`` is dropped from ``ok`` (never read, never written), so an unchecked
+    bad table cannot touch memory outside the pool.
+    """
+    if PAGED:
+        page = tl.load(BlockTable + b * sbt_b + (positions // PAGE_SIZE).to(tl.int64) * sbt_p, mask=ok, other=0)
+        ok = ok & (page >= 0) & (page < num_pages)
+        return page.to(tl.int64), (positions % PAGE_SIZE).to(tl.int64), ok
+    return b + tl.zeros_like(positions).to(tl.int64), positions.to(tl.int64), ok
+
+
+@triton.jit
+def _attend_cache_tile(acc, m_i, l_i, q, k_head, v_head, skc_o, skc_i, skc_d, svc_o, svc_i, svc_d,
+                       b, BlockTable, sbt_b, sbt_p, num_pages, n0, end, hi, qk_scale, offs_n, offs_d, d_ok,
+                       MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Cache rows ``[n0, n0 + BLOCK_N)`` (loads clipped to ``end``) of sequence ``b``, addressed by
+    :func:`_cache_slots`; ``k_head``/``v_head`` point at the KV head, ``s*c_o``/``s*c_i`` are the
+    (outer, inner) strides."""
+    cols = n0 + offs_n
+    outer, inner, col_ok = _cache_slots(cols, cols < end, b, BlockTable, sbt_b, sbt_p, num_pages,
+                                        PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k_ptrs = k_head + (outer * skc_o + inner * skc_i)[:, None] + offs_d[None, :] * skc_d
+    v_ptrs = v_head + (outer * svc_o + inner * svc_i)[:, None] + offs_d[None, :] * svc_d
+    return _attend_keys(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, cols, hi * 0, hi, qk_scale,
+                        MASKED=MASKED, PRECISION=PRECISION)
+
+
+@triton.jit
+def _attend_cache(acc, m_i, l_i, q, k_head, v_head, skc_o, skc_i, skc_d, svc_o, svc_i, svc_d,
+                  b, BlockTable, sbt_b, sbt_p, num_pages, start, end, qk_scale, offs_n, offs_d, d_ok,
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Every row attends to every cache row in ``[start, end)`` of sequence ``b``: FULL tiles,
+    then one masked tail."""
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    no_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    hi = tl.zeros([BLOCK_M], dtype=tl.int32) + end
     for n0 in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                     n0, end, no_lo, no_lo, qk_scale, offs_n, offs_d, d_ok,
-                                     MASKED=False, PRECISION=PRECISION)
+        acc, m_i, l_i = _attend_cache_tile(acc, m_i, l_i, q, k_head, v_head, skc_o, skc_i, skc_d, svc_o, svc_i,
+                                           svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, n0, end, hi, qk_scale,
+                                           offs_n, offs_d, d_ok, MASKED=False, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+                                           PRECISION=PRECISION)
     if full_end < end:
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                     full_end, end, no_lo, no_lo + end, qk_scale, offs_n, offs_d, d_ok,
-                                     MASKED=True, PRECISION=PRECISION)
+        acc, m_i, l_i = _attend_cache_tile(acc, m_i, l_i, q, k_head, v_head, skc_o, skc_i, skc_d, svc_o, svc_i,
+                                           svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, full_end, end, hi,
+                                           qk_scale, offs_n, offs_d, d_ok, MASKED=True, PAGED=PAGED,
+                                           PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION)
     return acc, m_i, l_i
 
 
@@ -344,11 +399,13 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, ContextLens, Out, OPart, LsePart,
-                            sq_b, sq_t, sq_h, sq_d, skn_b, skn_t, skn_h, skn_d, svn_b, svn_t, svn_h, svn_d,
+def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, ContextLens, BlockTable, Out, OPart,
+                            LsePart, sq_b, sq_t, sq_h, sq_d, skn_b, skn_t, skn_h, skn_d, svn_b, svn_t, svn_h, svn_d,
                             skc_b, skc_t, skc_h, skc_d, svc_b, svc_t, svc_h, svc_d, so_b, so_t, so_h, so_d,
+                            sbt_b, sbt_p, num_pages,
                             num_rows, num_kv_heads, group, clean_rows, block_size, rows_written, max_len, qk_scale,
                             head_dim, LAYOUT: tl.constexpr, HAS_CONTEXT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
     """Grid ``(NUM_SPLITS, cdiv(T * group, BLOCK_M), batch * kv_heads)``.
@@ -370,6 +427,12 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     ``n_b`` is clamped to ``[0, max_len]`` and the copy stops at ``max_len``, like the
     CUDA kernel: the host check of ``n_b + rows <= max_len`` is skipped inside a CUDA
     graph, and a bad length must not read or write outside the cache.
+
+    ``PAGED``: ``KCache``/``VCache`` are page pools ``[num_pages, PAGE_SIZE, kv_heads,
+    head_dim]`` and cache row ``t`` of sequence ``b`` is slot ``t % PAGE_SIZE`` of page
+    ``BlockTable[b, t // PAGE_SIZE]`` (reads and the write alike, :func:`_cache_slots`);
+    ``max_len`` is then ``max_pages_per_seq * PAGE_SIZE``. The ``skc_b``/``skc_t`` strides
+    are the pool's page and slot strides.
     """
     split = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -397,9 +460,10 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     chunk = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, n_cached)
-    acc, m_i, l_i = _attend_dense(acc, m_i, l_i, q, KCache + b * skc_b + hk * skc_h, VCache + b * svc_b + hk * svc_h,
-                                  skc_t, skc_d, svc_t, svc_d, start, end, qk_scale, offs_n, offs_d, d_ok,
-                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    acc, m_i, l_i = _attend_cache(acc, m_i, l_i, q, KCache + hk * skc_h, VCache + hk * svc_h, skc_b, skc_t, skc_d,
+                                  svc_b, svc_t, svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, start, end, qk_scale,
+                                  offs_n, offs_d, d_ok, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, BLOCK_M=BLOCK_M,
+                                  BLOCK_N=BLOCK_N, PRECISION=PRECISION)
     # (b) the step's own keys under the TiDAR rule, on the last split.
     if split == NUM_SPLITS - 1:
         if HAS_CONTEXT:
@@ -416,11 +480,15 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     for w0 in range(program * BLOCK_N, rows_written, num_programs * BLOCK_N):
         w = (w0 + offs_n).to(tl.int64)
         dst = n_cached.to(tl.int64) + w
-        w_mask = ((w < rows_written) & (dst < max_len))[:, None] & d_ok[None, :]
+        outer, inner, dst_ok = _cache_slots(dst, (w < rows_written) & (dst < max_len), b, BlockTable, sbt_b,
+                                            sbt_p, num_pages, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
+        w_mask = dst_ok[:, None] & d_ok[None, :]
         k_rows = tl.load(_rows_ptr(KNew, b, hk, w, offs_d, skn_b, skn_t, skn_h, skn_d), mask=w_mask)
-        tl.store(_rows_ptr(KCache, b, hk, dst, offs_d, skc_b, skc_t, skc_h, skc_d), k_rows, mask=w_mask)
+        k_dst = KCache + hk * skc_h + (outer * skc_b + inner * skc_t)[:, None] + offs_d[None, :] * skc_d
+        tl.store(k_dst, k_rows, mask=w_mask)
         v_rows = tl.load(_rows_ptr(VNew, b, hk, w, offs_d, svn_b, svn_t, svn_h, svn_d), mask=w_mask)
-        tl.store(_rows_ptr(VCache, b, hk, dst, offs_d, svc_b, svc_t, svc_h, svc_d), v_rows, mask=w_mask)
+        v_dst = VCache + hk * svc_h + (outer * svc_b + inner * svc_t)[:, None] + offs_d[None, :] * svc_d
+        tl.store(v_dst, v_rows, mask=w_mask)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]

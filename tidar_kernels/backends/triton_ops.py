@@ -220,11 +220,12 @@ register_attention_autograd(attention_fwd, torch.ops.tidar.attention_bwd_triton.
 @triton_op("tidar::cached_attention_triton", mutates_args=("k_cache", "v_cache"))
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
-                     layout: int, block_size: int, scale: float) -> torch.Tensor:
+                     layout: int, block_size: int, scale: float,
+                     block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Step rows over cache ``[0, n_b)`` plus their own keys; writes the clean rows into the cache.
 
-    Same semantics as ``tidar::cached_attention_reference``. One launch, plus a
-    merge launch when the cache is split.
+    Same semantics as ``tidar::cached_attention_reference``, paged caches included
+    (``block_table``). One launch, plus a merge launch when the cache is split.
     """
     batch, num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
@@ -238,7 +239,9 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     packed_rows = num_rows * group
     block_m, block_n = _cached_blocks(q.dtype, packed_rows, block_d)
     row_tiles = triton.cdiv(packed_rows, block_m)
-    splits = num_splits(batch * num_kv_heads * row_tiles, k_cache.shape[1], q.device)
+    paged = block_table is not None
+    capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)  # cache rows per sequence
+    splits = num_splits(batch * num_kv_heads * row_tiles, capacity, q.device)
     if splits > 1:
         o_part = torch.empty((batch * num_kv_heads, splits, packed_rows, head_dim), dtype=torch.float32,
                              device=q.device)
@@ -246,13 +249,16 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     else:  # the kernel writes the output directly; these pointers are never used
         o_part = lse_part = out
     has_context = context_lens is not None
+    # Unused pointers get cache_seqlens (never read): the contiguous kernel ignores the table.
     _LAUNCH_CACHED[(splits, row_tiles, batch * num_kv_heads)](
         q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens if has_context else cache_seqlens,
-        out, o_part, lse_part, *q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(),
-        *v_cache.stride(), *out.stride(),
-        num_rows, num_kv_heads, group, clean_rows, block_size, written, k_cache.shape[1], scale * kernels.LOG2E,
+        block_table if paged else cache_seqlens, out, o_part, lse_part, *q.stride(), *k_new.stride(),
+        *v_new.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *(block_table.stride() if paged else (0, 0)), k_cache.shape[0],
+        num_rows, num_kv_heads, group, clean_rows, block_size, written, capacity, scale * kernels.LOG2E,
         head_dim,
-        LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, PAGED=paged,
+        PAGE_SIZE=k_cache.shape[1] if paged else 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=_precision(q.dtype),
         num_warps=_warps(block_m, block_d), num_stages=_stages(q.dtype))
     if splits > 1:
