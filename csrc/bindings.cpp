@@ -7,6 +7,7 @@
 // module makes `import tidar_kernels._C` load the library (and the ops).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
 // that a minimal CUDA toolkit (the CI machine's) does not ship.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,6 +30,13 @@ int num_sms(const at::Tensor& on) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()));
   return count;
+}
+
+// The decode planner's roofline figures of the tensor's GPU (name, SMs, shared memory per SM).
+roofline::Device plan_device(const at::Tensor& on) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(on.device().index());
+  return roofline::device_for(prop->name, prop->multiProcessorCount,
+                              static_cast<int>(prop->sharedMemPerMultiprocessor));
 }
 
 void check_cuda(const char* name, const at::Tensor& t, const at::Tensor& like) {
@@ -116,7 +124,8 @@ at::Tensor cached_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   p.q_heads = static_cast<int>(q_heads);
   p.kv_heads = static_cast<int>(kv_heads);
   p.max_len = static_cast<int>(max_len);
-  p.num_splits = decode_num_splits(p.batch, p.steps, p.q_heads, p.kv_heads, p.max_len, num_sms(q));
+  p.num_splits = decode_num_splits(p.batch, p.steps, p.draft_len, p.q_heads, p.kv_heads, static_cast<int>(head_dim),
+                                   p.max_len, plan_device(q));
   p.scale = static_cast<float>(scale);
   // fp32 partial outputs of the num_splits cache splits and the step-local split.
   auto fopts = q.options().dtype(at::kFloat);
