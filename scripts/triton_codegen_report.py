@@ -23,7 +23,7 @@ Exits 1 on any spill, and on any matmul of a compute-bound path (decode k >= 8,
 training) that is not ``wgmma`` on sm_90a. ``--json PATH`` writes one JSON line per
 kernel, shape and arch.
 
-    python scripts/triton_codegen_report.py [--json report.jsonl] [--arch sm_90a] [--jobs 2]
+    python scripts/triton_codegen_report.py [--json report.jsonl] [--arch sm_90a] [--only REGEX] [--jobs 2]
 """
 from __future__ import annotations
 
@@ -217,8 +217,8 @@ def _key(spec, capability, kernel) -> str:
                  sorted(attrs.items()), sorted(options.__dict__.items())))
 
 
-def run(archs: list[str], jobs: int) -> list[dict]:
-    shapes = headline_shapes()
+def run(archs: list[str], jobs: int, only: str) -> list[dict]:
+    shapes = [shape for shape in headline_shapes() if re.search(only, shape.name)]
     recorded = []  # (arch, shape, launch, job index)
     index_of: dict[str, int] = {}
     for arch in archs:
@@ -299,12 +299,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write one JSON line per kernel, shape and arch")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
+    parser.add_argument("--only", default="", help="regex: only the shapes whose name matches")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     knobs.nvidia.dump_ptxas_log = True
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every kernel really compiles (ptxas log)
         knobs.cache.dir = cache
-        rows = run(args.arch or list(ARCHS), args.jobs)
+        rows = run(args.arch or list(ARCHS), args.jobs, args.only)
     print_table(rows)
     if args.json:
         args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
