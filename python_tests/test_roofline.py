@@ -139,3 +139,27 @@ def test_triton_planner_uses_the_model_and_static_sizes():
     # A one-row AR step is one 16-row tile; fp32 tiles stop at 64 rows.
     assert triton_ops.plan_cached(torch.bfloat16, 1, 1, 12, 2, 128, 4096, 1, H100).block_m == 16
     assert triton_ops.plan_cached(torch.float32, 1, 272, 12, 2, 128, 4096, 16, H100).block_m == 64
+
+
+def test_model_forward_counts_weights_cache_and_flops():
+    """Qwen2.5-1.5B AR step: 1.54 G weights (bf16 3.09 GB) read once dominate; memory-bound."""
+    from tidar_kernels.model import CONFIGS
+    config = CONFIGS["qwen2.5-1.5b"]
+    flops, hbm_bytes = roofline.model_forward(config, 1, 1, 4096, 1)
+    layers = 28 * (1536 * 128 * (2 * 12 + 2 * 2) + 3 * 1536 * 8960)
+    kv = 2 * 28 * 2 * 128 * (4096 + 1)
+    assert hbm_bytes == 2 * (layers + 1536 * 151936 + kv)
+    assert flops == 2 * layers + 4 * 12 * 128 * 4096 * 28 + 2 * 1536 * 151936
+    assert flops / hbm_bytes < H100.ridge
+    more, _ = roofline.model_forward(config, 1, 272, 4096, 47)
+    assert more > 200 * flops
+
+
+def test_bench_roofline_columns():
+    from bench import common
+    assert common.roofline_columns(989e9, 1.0, 2.0, H100) == {"limit_ms": pytest.approx(1.0),
+                                                              "of_limit": pytest.approx(0.5)}
+    assert common.roofline_columns(1.0, 4.8e9, 1.0, H200) == {"limit_ms": pytest.approx(1.0),
+                                                              "of_limit": pytest.approx(1.0)}
+    assert common.roofline_columns(1.0, 1.0, 1.0, None) == {}
+    assert common.roofline_device(smoke=True) is None

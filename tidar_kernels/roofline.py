@@ -208,9 +208,22 @@ def compute_bound(step: CachedStep, device: Device) -> bool:
     return step.flops() / step.ideal_bytes() > device.ridge
 
 
-def describe(step: CachedStep, device: Device) -> str:
-    """One line: the step's FLOPs, bytes, arithmetic intensity and its roofline limit."""
-    intensity = step.flops() / step.ideal_bytes()
-    limit = limit_seconds(step.flops(), step.ideal_bytes(), device)
-    return (f"{step.flops() / 1e9:.2f} GFLOP, {step.ideal_bytes() / 1e6:.2f} MB, {intensity:.0f} FLOP/B "
-            f"(ridge {device.ridge:.0f}), limit {limit * 1e6:.2f} us on {device.name}")
+def model_forward(config, batch: int, tokens: int, cache_len: int, lm_head_rows: int,
+                  elem_bytes: int = 2) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) a forward of a ``TransformerConfig`` must do at least.
+
+    ``tokens`` new rows per sequence over a cache of ``cache_len`` committed rows, the LM head
+    on ``lm_head_rows`` rows per sequence. FLOPs: the projections and MLP (``2 x params x rows``),
+    attention over the cache (``4 Hq D`` per row and cached key), the LM head. Bytes: every
+    weight read once, the cache's K/V read once, the new rows' K/V written.
+    """
+    c = config
+    attention_params = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    layer_params = attention_params + 3 * c.dim * c.intermediate_size
+    rows = batch * tokens
+    flops = (2.0 * layer_params * rows * c.n_layers + 4.0 * c.n_heads * c.head_dim * rows * cache_len * c.n_layers
+             + 2.0 * c.dim * c.vocab_size * batch * lm_head_rows)
+    kv_row = 2 * c.n_layers * c.n_kv_heads * c.head_dim  # K and V of one token, all layers
+    weights = layer_params * c.n_layers + c.dim * c.vocab_size
+    hbm_bytes = float(elem_bytes * (weights + kv_row * batch * (cache_len + tokens)))
+    return flops, hbm_bytes
