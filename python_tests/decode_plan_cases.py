@@ -22,9 +22,9 @@ from tidar_kernels import roofline  # noqa: E402
 
 CASES_FILE = ROOT / "csrc" / "tests" / "decode_plan_cases.txt"
 BLOCK_M, BLOCK_N, WARPS, MAX_SPLITS = 64, 64, 4, 32  # csrc/decode_attention_plan.{h,cpp}
-# (name as the driver reports it, without spaces; SMs; shared memory per SM)
-DEVICES = [("NVIDIA_H100_80GB_HBM3", 132, 228 * 1024), ("NVIDIA_H200", 132, 228 * 1024),
-           ("NVIDIA_A100-SXM4-80GB", 108, 164 * 1024), ("NVIDIA_L40S", 142, 100 * 1024)]
+# (name as the driver reports it, without spaces; SMs; shared memory per SM; compute capability)
+DEVICES = [("NVIDIA_H100_80GB_HBM3", 132, 228 * 1024, 90), ("NVIDIA_H200", 132, 228 * 1024, 90),
+           ("NVIDIA_A100-SXM4-80GB", 108, 164 * 1024, 80), ("NVIDIA_L40S", 142, 100 * 1024, 89)]
 
 
 def decode_smem_bytes(head_dim: int) -> int:
@@ -38,8 +38,8 @@ def cuda_decode_splits(batch, steps, draft_len, q_heads, kv_heads, head_dim, max
 
 
 def lines():
-    for name, sms, smem in DEVICES:
-        device = roofline.device_for(name.replace("_", " "), sms, smem)
+    for name, sms, smem, capability in DEVICES:
+        device = roofline.device_for(name.replace("_", " "), sms, smem, capability)
         for head_dim in (64, 128):
             for q_heads, kv_heads in [(12, 2), (32, 8), (8, 8)]:
                 for batch in (1, 2, 8):

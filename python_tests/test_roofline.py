@@ -29,7 +29,7 @@ def test_device_from_name_knows_only_the_sxm_parts():
     assert roofline.device_from_name("NVIDIA H200") is H200
     assert roofline.device_from_name("NVIDIA H100 PCIe") is None
     assert roofline.device_from_name("NVIDIA A100-SXM4-80GB") is None
-    other = roofline.device_for("NVIDIA L40S", 142, 100 * 1024)
+    other = roofline.device_for("NVIDIA L40S", 142, 100 * 1024, 89)
     assert other.sm_count == 142 and other.ridge == pytest.approx(H100.ridge)
 
 

@@ -308,6 +308,7 @@ def main(argv=None) -> int:
         rows = run(args.arch or list(ARCHS), args.jobs, args.only)
     print_table(rows)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {args.json}")
     found = failures(rows)

@@ -46,6 +46,7 @@ class Device:
     tensor_flops: float
     hbm_bytes_per_s: float
     smem_per_sm: int  # bytes of shared memory an SM gives its resident CTAs
+    capability: int  # compute capability, major * 10 + minor (90: sm_90, 80: sm_80)
 
     @property
     def ridge(self) -> float:
@@ -53,9 +54,9 @@ class Device:
         return self.tensor_flops / self.hbm_bytes_per_s
 
 
-H100 = Device("H100 SXM", 132, 989e12, 3.35e12, 228 * 1024)
-H200 = Device("H200 SXM", 132, 989e12, 4.8e12, 228 * 1024)
-A100 = Device("A100 SXM 80GB", 108, 312e12, 2.039e12, 164 * 1024)
+H100 = Device("H100 SXM", 132, 989e12, 3.35e12, 228 * 1024, 90)
+H200 = Device("H200 SXM", 132, 989e12, 4.8e12, 228 * 1024, 90)
+A100 = Device("A100 SXM 80GB", 108, 312e12, 2.039e12, 164 * 1024, 80)
 
 
 def device_from_name(name: str) -> Optional[Device]:
@@ -70,7 +71,7 @@ def device_from_name(name: str) -> Optional[Device]:
     return None
 
 
-def device_for(name: str, sm_count: int, smem_per_sm: int) -> Device:
+def device_for(name: str, sm_count: int, smem_per_sm: int, capability: int) -> Device:
     """Figures the planner uses on a GPU: the known ones, else the GPU's own SM count and
     shared memory with an H100 SM's FLOP/s and bandwidth per SM (the planners' choices
     depend on the ratio of the two, not on their size)."""
@@ -78,7 +79,7 @@ def device_for(name: str, sm_count: int, smem_per_sm: int) -> Device:
     if known is not None and known.sm_count == sm_count:
         return known
     return Device(name, sm_count, H100.tensor_flops / H100.sm_count * sm_count,
-                  H100.hbm_bytes_per_s / H100.sm_count * sm_count, smem_per_sm)
+                  H100.hbm_bytes_per_s / H100.sm_count * sm_count, smem_per_sm, capability)
 
 
 def limit_seconds(flops: float, hbm_bytes: float, device: Device) -> float:

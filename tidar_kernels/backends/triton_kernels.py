@@ -288,6 +288,9 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
     Holds the K/V tile and walks every query tile; each is classified against the
     key tile from the rows' key ranges: EMPTY (skipped), FULL (no masking) or
     PARTIAL. The GQA group's query heads are summed in registers (no atomics).
+    Products are transposed (``P^T = K Q^T``, ``dV += P^T dO``, ``dS^T = P^T (V dO^T -
+    Delta)``, ``dK += dS^T Q``, as Triton's fused-attention tutorial), so on sm_90 all
+    four matmuls run on wgmma (registers and shared memory: ``_bwd_config``).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)

@@ -85,26 +85,36 @@ def _warps(block_rows: int, block_d: int) -> int:
 def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the forward and dQ kernels.
 
-    128 x 64 is flash-attention's choice for fp16/bf16 (with 8 warps, see ``_warps``:
-    no spills on sm_90 at hd64/hd128 with Triton 3.9, forward <= 213 and dQ <= 160
-    registers; untimed); fp32 tiles take twice the shared memory per element, so they
+    128 x 64 is flash-attention's choice for fp16/bf16 (with 8 warps, see ``_warps``).
+    bf16, head dim 128, Triton 3.9, sm_90a (``scripts/triton_codegen_report.py``; untimed):
+    forward 213 registers, 128 KiB shared memory; dQ 219 registers, 160 KiB; no spills,
+    every matmul on wgmma. fp32 tiles take twice the shared memory per element, so they
     are halved.
     """
     return (64, 32) if dtype == torch.float32 else (128, 64)
+
+
+def _dq_blocks(dtype: torch.dtype, capability: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dQ kernel: the forward's, but 64-row tiles before sm_90, where
+    mma.sync's register layouts make 128-row dQ tiles spill (bf16 hd128, Triton 3.9, sm_80:
+    84 B per thread; 64 rows with 8 warps: 188 registers, no spills)."""
+    block_m, block_n = _fwd_blocks(dtype)
+    return (min(block_m, 64), block_n) if capability < 90 else (block_m, block_n)
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel.
 
     It holds K, V, dK, dV tiles of BLOCK_N rows plus one BLOCK_M query tile in flight,
-    so it is the kernel with the most live registers. fp16/bf16 on sm_90 with
-    Triton 3.9 (ptxas -v, fp16/bf16, head dims 64 and 128; untimed):
+    so it is the kernel with the most live registers. It computes the transposed
+    products (``[key, row]`` tiles), so the BLOCK_N = 64 key rows are every matmul's M
+    dimension and small query tiles still run on wgmma.
 
-    * head dim 128: 32 x 64 with 8 warps and 2 stages, 248 registers, no spills
-      (64 x 64 with 4 warps spilled ~300 B per thread, with 8 warps ~40 B; 32 x 64 with
-      4 warps ~460 B);
-    * head dim <= 64: 64 x 64 with 8 warps, 3 stages, 214 registers, no spills (4 warps
-      spilled a few bytes at 255 registers).
+    * head dim 128: 32 x 64 with 8 warps and 2 stages. bf16, Triton 3.9, sm_90a
+      (``scripts/triton_codegen_report.py``; untimed): 199 registers, 68 KiB shared
+      memory, no spills, all 28 matmul instructions wgmma (the untransposed kernel: 248
+      registers, 32 of 36 on mma.sync; 64 x 64 tiles spilled);
+    * head dim <= 64: 64 x 64 with 8 warps (4 below 64), 3 stages.
 
     fp32 tiles take twice the registers per element: 32 x 32, 4 warps, 2 stages.
     """
@@ -126,9 +136,10 @@ def device_figures(device: torch.device) -> roofline.Device:
     The interpreter has no SMs: it gets a small GPU (``INTERPRETER_SM_COUNT`` SMs with an
     H100 SM's rates), so CPU tests exercise the split path."""
     if device.type != "cuda":
-        return roofline.device_for("Triton interpreter", INTERPRETER_SM_COUNT, roofline.H100.smem_per_sm)
+        return roofline.device_for("Triton interpreter", INTERPRETER_SM_COUNT, roofline.H100.smem_per_sm, 90)
     props = torch.cuda.get_device_properties(device)
-    return roofline.device_for(props.name, props.multi_processor_count, props.shared_memory_per_multiprocessor)
+    return roofline.device_for(props.name, props.multi_processor_count, props.shared_memory_per_multiprocessor,
+                               props.major * 10 + props.minor)
 
 
 @dataclass(frozen=True)
@@ -143,11 +154,13 @@ class CachedPlan:
     estimate: roofline.Estimate
 
 
-def _cached_block_n(dtype: torch.dtype, block_m: int, block_d: int) -> int:
+def _cached_block_n(dtype: torch.dtype, block_m: int, block_d: int, capability: int) -> int:
     """Key-tile width of the cached kernel: small row tiles take wider key tiles to keep
     enough bytes in flight, but at head dim 128 with 16-32 rows ptxas (Triton 3.9, sm_90)
-    spills ~10 KB per thread with 128-key tiles, <1 KB with 64."""
-    if dtype == torch.float32:
+    spills ~10 KB per thread with 128-key tiles, <1 KB with 64. Before sm_90 (mma.sync
+    register layouts) 64-key tiles spill at head dim 128 too (bf16, sm_80: 16-64 B per
+    thread), 32-key tiles do not."""
+    if dtype == torch.float32 or (capability < 90 and block_d >= 128):
         return 32 if block_d >= 128 else 64
     return 128 if block_m <= 32 and block_d <= 64 else 64
 
@@ -185,7 +198,7 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
     step = roofline.CachedStep(batch, num_rows, q_heads, kv_heads, head_dim, max_len, rows_written, elem_bytes)
     block_n_of = {}
     for block_m in _cached_block_m_options(dtype, step.packed_rows):
-        block_n = _cached_block_n(dtype, block_m, block_d)
+        block_n = _cached_block_n(dtype, block_m, block_d, device.capability)
         # Shared memory: the Q tile plus `stages` buffers of K and V tiles (what Triton allocates).
         smem = elem_bytes * block_d * (block_m + stages * 2 * block_n)
         block_n_of[roofline.CachedKernel(block_m, _warps(block_m, block_d), smem)] = block_n
@@ -236,7 +249,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _LAUNCH_BWD_PRE[(triton.cdiv(num_rows, 64), batch * num_heads)](
         out, dout, delta, *out.stride(), *dout.stride(), num_rows, num_heads, head_dim,
         BLOCK_M=64, BLOCK_D=block_d)
-    block_m, block_n = _fwd_blocks(q.dtype)
+    block_m, block_n = _dq_blocks(q.dtype, device_figures(q.device).capability)
     _LAUNCH_BWD_DQ[(triton.cdiv(num_rows, block_m), batch * num_heads)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         num_rows, num_heads, num_heads // num_kv_heads, clean_rows, block_size, qk_scale, scale, head_dim,
