@@ -7,7 +7,6 @@
 // module makes `import tidar_kernels._C` load the library (and the ops).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers
 // that a minimal CUDA toolkit (the CI machine's) does not ship.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,6 +14,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "kernels.h"
@@ -32,11 +33,21 @@ int num_sms(const at::Tensor& on) {
   return count;
 }
 
-// The decode planner's roofline figures of the tensor's GPU (name, SMs, shared memory per SM).
+// The decode planner's roofline figures of the tensor's GPU (name, SMs, shared memory per SM),
+// read once per device: cudaGetDeviceProperties is slow.
 roofline::Device plan_device(const at::Tensor& on) {
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(on.device().index());
-  return roofline::device_for(prop->name, prop->multiProcessorCount,
-                              static_cast<int>(prop->sharedMemPerMultiprocessor));
+  static std::mutex mutex;
+  static std::map<int, roofline::Device> known;
+  const int index = on.device().index();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(index);
+  if (found == known.end()) {
+    cudaDeviceProp prop{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+    found = known.emplace(index, roofline::device_for(prop.name, prop.multiProcessorCount,
+                                                      static_cast<int>(prop.sharedMemPerMultiprocessor))).first;
+  }
+  return found->second;
 }
 
 void check_cuda(const char* name, const at::Tensor& t, const at::Tensor& like) {
