@@ -180,6 +180,7 @@ def _cached_block_m_options(dtype: torch.dtype, packed_rows: int) -> tuple[int, 
     return tuple(m for m in (64, 128) if m <= cap)
 
 
+@functools.lru_cache(maxsize=4096)  # every layer of every step asks again: price each shape once
 def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_heads: int, head_dim: int,
                 max_len: int, rows_written: int, device: roofline.Device) -> CachedPlan:
     """Row tile, key tile, warps, stages and cache splits (flash-decoding) of a cached launch.
