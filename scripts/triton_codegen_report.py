@@ -37,7 +37,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -92,7 +92,6 @@ class Compiled:
     warps: int
     stages: int
     seconds: float
-    ptxas_log: str = field(repr=False, default="")
 
 
 def _meta(*shape, dtype=DTYPE):
@@ -208,7 +207,7 @@ def _compile(index: int) -> Compiled:
         tma=len(re.findall(r"^\s*cp\.async\.bulk\.tensor", ptx, re.M)),
         regs=int(regs[-1]), spills=sum(int(a) + int(b) for a, b in spills),
         smem_bytes=compiled.metadata.shared, warps=options.num_warps, stages=options.num_stages,
-        seconds=seconds, ptxas_log=text)
+        seconds=seconds)
 
 
 def _key(spec, capability, kernel) -> str:
@@ -251,7 +250,8 @@ def run(archs: list[str], jobs: int, only: str) -> list[dict]:
                "compute_bound": shape.compute_bound, "wgmma": result.wgmma, "mma_sync": result.mma_sync,
                "tma": result.tma, "regs": result.regs, "spills": result.spills, "smem_bytes": result.smem_bytes,
                "warps": result.warps, "stages": result.stages, "grid": list(launch.grid),
-               "block_m": launch.kwargs.get("BLOCK_M"), "block_n": launch.kwargs.get("BLOCK_N")}
+               "block_m": launch.kwargs.get("BLOCK_M"), "block_n": launch.kwargs.get("BLOCK_N"),
+               "compile_s": round(result.seconds, 1)}
         if launch.plan is not None:
             device = ARCHS[arch][1]
             row |= {"splits": launch.plan.splits, "partial_bytes": launch.plan.estimate.partial_bytes,
