@@ -46,6 +46,9 @@ Metrics (``D`` head dim, ``Hq``/``Hkv`` heads, ``B`` batch, ``e`` bytes per elem
   the backward's reads of Q, K, V, O, dO and writes of dQ, dK, dV
   (``4*Hq + 4*Hkv``): ``e * B * T * D * (6*Hq + 6*Hkv)``.
 * ``vs_<impl>`` = that implementation's time / this row's time (> 1: this row is faster).
+* ``limit_ms`` = the roofline limit of the row's ``tflops`` work and ``gbps`` bytes on the
+  GPU's datasheet figures (:mod:`tidar_kernels.roofline`; H100 SXM and H200 known, other
+  GPUs: columns left out with a note); ``of_limit`` = ``limit_ms / ms``.
 
 ``--refcheck`` compares every implementation's forward output on the first
 decode and the first training-forward shape with the reference backend (fp32
@@ -497,8 +500,9 @@ def shapes(args) -> list[Shape]:
 
 
 def measure(shape: Shape, device: torch.device, dtype: torch.dtype, flex, masks: FlexMasks,
-            check: bool) -> list[dict]:
-    """Time every implementation on one shape; rows with time, TFLOP/s, GB/s and ratios.
+            check: bool, figures=None) -> list[dict]:
+    """Time every implementation on one shape; rows with time, TFLOP/s, GB/s, ratios and, with
+    the GPU's datasheet ``figures``, the roofline limit of the row's useful work and the fraction reached.
 
     An implementation that fails on the shape (out of memory, no kernel, a
     compile error) gets a row with the error in ``note`` and no time: one
@@ -515,8 +519,9 @@ def measure(shape: Shape, device: torch.device, dtype: torch.dtype, flex, masks:
         except Exception as err:  # recorded, see the docstring
             rows.append(row | {"note": f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}"})
             continue
-        rows.append(row | {"ms": ms, "tflops": flops(shape, impl.causal) / ms / 1e9,
-                           "gbps": traffic_bytes(shape, inputs["q"].element_size()) / ms / 1e6})
+        work, traffic = flops(shape, impl.causal), traffic_bytes(shape, inputs["q"].element_size())
+        rows.append(row | {"ms": ms, "tflops": work / ms / 1e9, "gbps": traffic / ms / 1e6}
+                    | common.roofline_columns(work, traffic, ms, figures))
     timed = [row for row in rows if "ms" in row]
     for row in timed:
         for other in timed:
@@ -609,6 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 1024))
     flex, masks = flex_function(device), FlexMasks(device)
+    figures = common.roofline_device(args.smoke)
 
     start, rows, checked, cut = time.monotonic(), [], set(), False
     todo = shapes(args)
@@ -619,10 +625,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             break
         check = args.refcheck and shape.mode in ("decode", "train-fwd") and shape.mode not in checked
         checked.add(shape.mode)
-        new = measure(shape, device, dtype, flex, masks, check)
+        new = measure(shape, device, dtype, flex, masks, check, figures)
         rows += new
         common.print_table(new, ["mode", "model", "batch", "cache_len", "draft_len", "seq_len", "block", "impl",
-                                 "ms", "tflops", "gbps"] + (["max_err", "refcheck"] if check else []))
+                                 "ms", "tflops", "gbps", "limit_ms", "of_limit"]
+                           + (["max_err", "refcheck"] if check else []))
     meta["truncated"] = f"yes, after {len(rows)} rows (--max-seconds)" if cut else "no"
     path = common.write_csv(out_dir / "attention.csv", rows, meta)
     plot(rows, out_dir / "attention.png", meta)

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from tidar_kernels import roofline
 from tidar_kernels.tuning import median_ms as time_ms  # noqa: F401  (the one timing routine, re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +75,27 @@ def device_label(smoke: bool) -> str:
         return SMOKE_DEVICE
     name = torch.cuda.get_device_name()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def roofline_device(smoke: bool) -> Optional[roofline.Device]:
+    """Datasheet figures of the bench GPU for the roofline columns (H100 SXM and H200 known,
+    :func:`tidar_kernels.roofline.device_from_name`); None, with a note, anywhere else."""
+    name = "the CPU (smoke run)" if smoke else torch.cuda.get_device_name()
+    figures = None if smoke else roofline.device_from_name(name)
+    if figures is None:
+        print(f"# roofline columns skipped: no datasheet figures for {name} (known: H100 SXM, H200)")
+    return figures
+
+
+def roofline_columns(flops: float, hbm_bytes: float, ms: Optional[float],
+                     figures: Optional[roofline.Device]) -> dict:
+    """``limit_ms``: the least time ``flops`` and ``hbm_bytes`` can take on the GPU (the roofline,
+    :func:`tidar_kernels.roofline.limit_seconds`); ``of_limit``: limit / measured (1 = at the
+    roofline). Empty without figures or a measured time."""
+    if figures is None or ms is None:
+        return {}
+    limit_ms = roofline.limit_seconds(flops, hbm_bytes, figures) * 1e3
+    return {"limit_ms": limit_ms, "of_limit": limit_ms / ms}
 
 
 def output_dir(out: Optional[Path], smoke: bool) -> Path:

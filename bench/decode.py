@@ -25,6 +25,10 @@ The draft length is the one :func:`tidar_kernels.tune_draft_length` picks for
 this device, batch and cache from ``step_ms`` (``--draft-len K`` fixes it
 instead); k = 16, the paper's choice, is reported too when among ``--draft-lens``.
 
+On an H100 SXM or H200 every ``step_ms`` row also gets ``limit_ms``, the roofline limit of the
+step (:func:`tidar_kernels.roofline.model_forward`: weights and cache read once, the
+projection, MLP, attention and LM-head FLOPs), and ``of_limit = limit_ms / step_ms``.
+
 Outputs ``decode.csv`` (AR and TiDAR rows: both latencies, tokens per forward,
 tokens/s and speedup from ``loop_ms``, both latency ratios to AR), ``decode_tuning.csv`` (the tuner's
 table) and ``decode.png``.
@@ -45,6 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
+from tidar_kernels import roofline
 from tidar_kernels.generate import ar_generate, tidar_generate
 from tidar_kernels.model import CONFIGS
 from tidar_kernels.tuning import describe_acceptance, expected_tokens, step_ms, tune_draft_length
@@ -140,19 +145,32 @@ def plot(tuning: list[dict], rows: list[dict], path: Path, meta: dict) -> Path:
     return common.save_figure(fig, path, meta)
 
 
-def measure_model(name: str, args, device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
-    """``(decode rows, tuning rows)`` of one model."""
+def step_roofline(config, batch: int, cache_len: int, draft_len: Optional[int], ms: float, figures) -> dict:
+    """Roofline columns of one graph-captured step (:func:`common.roofline_columns`): AR is one
+    token with the LM head on it; TiDAR ``k + k*k`` tokens with the LM head on the ``3k - 1``
+    rows acceptance and the next drafts read (:mod:`tidar_kernels.tuning`)."""
+    tokens, lm_rows = (1, 1) if draft_len is None else (draft_len + draft_len * draft_len, 3 * draft_len - 1)
+    work, traffic = roofline.model_forward(config, batch, tokens, cache_len, lm_rows)
+    return common.roofline_columns(work, traffic, ms, figures)
+
+
+def measure_model(name: str, args, device: torch.device, dtype: torch.dtype,
+                  figures=None) -> tuple[list[dict], list[dict]]:
+    """``(decode rows, tuning rows)`` of one model; with the GPU's datasheet ``figures`` the
+    step rows carry their roofline limit and the fraction of it reached."""
     model = common.random_model(name, device, dtype)
     prompt = random_prompt(model, args.batch, args.cache_len)
     choice = tune_draft_length(model, args.batch, args.cache_len, args.acceptance_model, args.draft_lens)
     chosen = args.draft_len or choice.draft_len
     step = {row.draft_len: row.step_ms for row in choice.table}
     ar = {"step_ms": step_ms(model, args.batch, args.cache_len, None)}
+    ar |= step_roofline(model.config, args.batch, args.cache_len, None, ar["step_ms"], figures)
     ar |= loop_ms(ar_generate, model, prompt, tuple(args.new_tokens), args.repeats)
     tidar = {}
     for k in common.unique([chosen, PAPER_DRAFT_LEN]):
         if k in step or k == chosen:
             tidar[k] = {"step_ms": step[k] if k in step else step_ms(model, args.batch, args.cache_len, k)}
+            tidar[k] |= step_roofline(model.config, args.batch, args.cache_len, k, tidar[k]["step_ms"], figures)
             tidar[k] |= loop_ms(tidar_generate, model, prompt, tuple(args.new_tokens), args.repeats, draft_len=k)
     base = {"model": name, "batch": args.batch, "cache_len": args.cache_len,
             "acceptance": describe_acceptance(args.acceptance_model)}
@@ -161,7 +179,9 @@ def measure_model(name: str, args, device: torch.device, dtype: torch.dtype) -> 
                       "expected_tokens_per_forward": row.expected_tokens_per_step, "tokens_per_s": row.tokens_per_s,
                       "speedup_vs_ar": row.tokens_per_s / ar_step_tps,
                       "step_ms_ratio_vs_ar": row.step_ms / ar["step_ms"],
-                      "tuned": row.draft_len == choice.draft_len} for row in choice.table]
+                      "tuned": row.draft_len == choice.draft_len}
+              | step_roofline(model.config, args.batch, args.cache_len, row.draft_len, row.step_ms, figures)
+              for row in choice.table]
     return decode_rows(base, args.acceptance_model, args.steps, ar, tidar, chosen), tuning
 
 
@@ -219,8 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     print(f"# acceptance: {meta['acceptance']} (a parameter, not measured: the weights are random)")
 
     rows, tuning = [], []
+    figures = common.roofline_device(args.smoke)
     for name in args.models:
-        new_rows, new_tuning = measure_model(name, args, device, dtype)
+        new_rows, new_tuning = measure_model(name, args, device, dtype, figures)
         rows, tuning = rows + new_rows, tuning + new_tuning
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -228,10 +249,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     common.write_csv(out_dir / "decode_tuning.csv", tuning, meta)
     plot(tuning, rows, out_dir / "decode.png", meta)
     common.print_table(tuning, ["model", "draft_len", "step_ms", "expected_tokens_per_forward", "tokens_per_s",
-                                "speedup_vs_ar", "step_ms_ratio_vs_ar"])
+                                "speedup_vs_ar", "step_ms_ratio_vs_ar", "limit_ms", "of_limit"])
     print()
     common.print_table(rows, ["model", "method", "draft_len", "step_ms", "loop_ms", "tokens_per_forward",
-                              "tokens_per_s", "speedup_vs_ar", "loop_ms_ratio_vs_ar"])
+                              "tokens_per_s", "speedup_vs_ar", "loop_ms_ratio_vs_ar", "limit_ms", "of_limit"])
     print(f"wrote {path}, {out_dir / 'decode_tuning.csv'}, {out_dir / 'decode.png'}")
     print(f"reproduce: {meta['command']}")
     return path

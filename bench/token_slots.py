@@ -21,6 +21,10 @@ fewer layers (default for 32B: 16 of 64, so weights and a batch-16 16k cache fit
 the full layer count, and ``total_ms = measured total + (full - run layers) x
 one decoder layer's time`` (``layers_run`` / ``layers_full`` columns).
 
+Roofline (H100 SXM and H200 only): ``limit_ms`` is the least time the full-depth forward can
+take (:func:`tidar_kernels.roofline.model_forward`: weights and cache read once, the
+projection, MLP, attention and LM-head FLOPs), ``of_limit = limit_ms / total_ms``.
+
 Flat region: ``N`` lies in it while ``total_ms(N) <= 1.1 x total_ms(1)`` (same
 model, batch and cache), up to the first ``N`` that exceeds it. ``flat_end`` is
 the largest such ``N``; ``max_flat_k`` the largest ``k`` whose step size
@@ -44,7 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from tidar_kernels import ops
+from tidar_kernels import ops, roofline
 from tidar_kernels.kv_cache import KVCache
 from tidar_kernels.mask import Layout
 from tidar_kernels.model import CONFIGS, AttentionContext, TransformerConfig
@@ -112,9 +116,13 @@ class Forward:
         return self.model.layers[0].feed_forward(self.hidden)
 
 
-def measure_model(name: str, args, device: torch.device, dtype: torch.dtype, deadline: float) -> list[dict]:
-    """All points of one model; stops early (returns what it has) past ``deadline``."""
-    full_layers = TransformerConfig.from_name(name).n_layers
+def measure_model(name: str, args, device: torch.device, dtype: torch.dtype, deadline: float,
+                  figures=None) -> list[dict]:
+    """All points of one model; stops early (returns what it has) past ``deadline``. With the
+    GPU's datasheet ``figures`` each point carries the forward's roofline limit (full depth, LM
+    head on all ``N`` rows) and the fraction of it ``total_ms`` reached."""
+    full_config = TransformerConfig.from_name(name)
+    full_layers = full_config.n_layers
     layers = args.layers or DEFAULT_LAYERS.get(name, full_layers)
     model = common.random_model(name, device, dtype, n_layers=min(layers, full_layers))
     run_layers = model.config.n_layers
@@ -132,13 +140,15 @@ def measure_model(name: str, args, device: torch.device, dtype: torch.dtype, dea
                 with torch.inference_mode():
                     ms = {part: common.time_ms(getattr(fwd, part), device, graph=device.type == "cuda")
                           for part in ("total", "layer", "attention", "attention_op", "mlp")}
+                total_ms = ms["total"] + (full_layers - run_layers) * ms["layer"]
+                work, traffic = roofline.model_forward(full_config, batch, tokens, cache_len, tokens)
                 rows.append({
                     "model": name, "layers_run": run_layers, "layers_full": full_layers, "batch": batch,
                     "cache_len": cache_len, "tokens": tokens, "tidar_k": steps.get(tokens, ""),
-                    "total_ms": ms["total"] + (full_layers - run_layers) * ms["layer"],
+                    "total_ms": total_ms,
                     "attn_ms": ms["attention"] * full_layers, "attn_op_ms": ms["attention_op"] * full_layers,
                     "mlp_ms": ms["mlp"] * full_layers, "layer_ms": ms["layer"], "measured_total_ms": ms["total"],
-                })
+                } | common.roofline_columns(work, traffic, total_ms, figures))
                 del fwd
         del cache
     return rows
@@ -236,10 +246,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     budget = args.max_seconds if args.max_seconds is not None else math.inf
 
     rows = []
+    figures = common.roofline_device(args.smoke)
     for name in args.models:
-        new = measure_model(name, args, device, dtype, time.monotonic() + budget)
+        new = measure_model(name, args, device, dtype, time.monotonic() + budget, figures)
         common.print_table(new, ["model", "batch", "cache_len", "tokens", "tidar_k", "total_ms", "attn_ms",
-                                 "attn_op_ms", "mlp_ms"])
+                                 "attn_op_ms", "mlp_ms", "limit_ms", "of_limit"])
         rows += new
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "kernels.h"
@@ -29,6 +31,23 @@ int num_sms(const at::Tensor& on) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()));
   return count;
+}
+
+// The decode planner's roofline figures of the tensor's GPU (name, SMs, shared memory per SM),
+// read once per device: cudaGetDeviceProperties is slow.
+roofline::Device plan_device(const at::Tensor& on) {
+  static std::mutex mutex;
+  static std::map<int, roofline::Device> known;
+  const int index = on.device().index();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(index);
+  if (found == known.end()) {
+    cudaDeviceProp prop{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+    found = known.emplace(index, roofline::device_for(prop.name, prop.multiProcessorCount,
+                                                      static_cast<int>(prop.sharedMemPerMultiprocessor))).first;
+  }
+  return found->second;
 }
 
 void check_cuda(const char* name, const at::Tensor& t, const at::Tensor& like) {
@@ -116,7 +135,8 @@ at::Tensor cached_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, c
   p.q_heads = static_cast<int>(q_heads);
   p.kv_heads = static_cast<int>(kv_heads);
   p.max_len = static_cast<int>(max_len);
-  p.num_splits = decode_num_splits(p.batch, p.steps, p.q_heads, p.kv_heads, p.max_len, num_sms(q));
+  p.num_splits = decode_num_splits(p.batch, p.steps, p.draft_len, p.q_heads, p.kv_heads, static_cast<int>(head_dim),
+                                   p.max_len, plan_device(q));
   p.scale = static_cast<float>(scale);
   // fp32 partial outputs of the num_splits cache splits and the step-local split.
   auto fopts = q.options().dtype(at::kFloat);

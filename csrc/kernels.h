@@ -11,16 +11,15 @@
 
 #include <cuda_runtime_api.h>
 
+#include "decode_attention_plan.h"
+
 namespace tidar {
 
 // ---------------------------------------------------------------------------
 // Decode-step attention (Layout::kDecode)
 // ---------------------------------------------------------------------------
 
-// Tiling shared by the kernels and the host planner.
-constexpr int kDecodeBlockM = 64;   // query rows per CTA (4 warps x 16 rows)
-constexpr int kDecodeBlockN = 64;   // keys per pipeline stage
-constexpr int kDecodeThreads = 128;
+// Tiling shared by the kernels and the host planner: decode_attention_plan.h.
 
 struct DecodeParams {
   // q [batch, steps, q_heads, head_dim]; k_new / v_new [batch, steps, kv_heads, head_dim];
@@ -51,8 +50,7 @@ struct DecodeParams {
   float scale;     // softmax scale (natural-log domain)
 };
 
-// Grid plan from static sizes only (CUDA-graph safe): number of cache splits.
-int decode_num_splits(int batch, int steps, int q_heads, int kv_heads, int max_len, int num_sms);
+// Grid plan from static sizes only (CUDA-graph safe): decode_num_splits, decode_attention_plan.h.
 
 // One instantiation per (dtype, head_dim), each in its own .cu file.
 template <bool kIsBF16, int kHeadDim>

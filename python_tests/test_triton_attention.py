@@ -196,7 +196,7 @@ DECODE_CASES = [
     pytest.param(2, (5, 0), (4, 2), id="k2-n5,0-gqa2"),
     pytest.param(3, (37, 1, 0), (6, 1), id="k3-n37,1,0-gqa6"),
     pytest.param(4, (1029, 3), (8, 2), id="k4-n1029,3-gqa4-split"),
-    pytest.param(8, (1, 600), (3, 3), id="k8-n1,600-mha-split"),
+    pytest.param(8, (1, 600), (2, 2), id="k8-n1,600-mha-split"),
     pytest.param(16, (37,), (2, 1), id="k16-n37-gqa2"),
 ]
 
@@ -210,7 +210,7 @@ def test_decode_step(draft_len, cache_lens, heads, dtype):
 # (padded prompt P, k, real prompt lengths, cache lengths, heads)
 PREFILL_CASES = [
     pytest.param(24, 4, (24, 1, 13), (0, 0, 0), (4, 2), id="P24-k4-empty-cache"),
-    pytest.param(37, 3, (37, 20), (5, 600), (6, 1), id="P37-k3-cached-split"),
+    pytest.param(37, 3, (37, 20), (5, 600), (4, 1), id="P37-k3-cached-split"),
     pytest.param(1, 1, (1,), (0,), (2, 2), id="P1-k1"),
 ]
 
@@ -245,15 +245,23 @@ def test_prefill_random_cases(padded, draft_len, data):
     check_cached(Layout.PREFILL, padded + draft_len, draft_len, (2, 1), torch.float32, tuple(cached), tuple(prompts))
 
 
-def test_split_heuristic_uses_static_sizes_only():
-    """Few programs and a long cache: split; many programs or a short cache: one pass."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_cases_split_on_the_interpreter(dtype):
+    """The cases named "-split" above run the split path and merge on the interpreter's small
+    GPU (``INTERPRETER_SM_COUNT`` SMs): the planner, from static sizes only, splits them."""
     from tidar_kernels.backends import triton_ops
-    cpu = torch.device("cpu")  # the interpreter's nominal SM count
-    sms = triton_ops.INTERPRETER_SM_COUNT
-    assert triton_ops.num_splits(1, 32768, cpu) == min(2 * sms, triton_ops.MAX_SPLITS)
-    assert triton_ops.num_splits(2 * sms, 32768, cpu) == 1
-    assert triton_ops.num_splits(1, 300, cpu) == 1
-    assert triton_ops.num_splits(4, 1100, cpu) == 4
+    device = triton_ops.device_figures(torch.device("cpu"))
+    spare = 5  # check_cached's default
+    cases = [(Layout.DECODE, k + k * k, k, lens, heads) for k, lens, heads in
+             (case.values for case in DECODE_CASES if case.id.endswith("-split"))]
+    cases += [(Layout.PREFILL, padded + k, k, lens, heads) for padded, k, _, lens, heads in
+              (case.values for case in PREFILL_CASES if case.id.endswith("-split"))]
+    assert len(cases) == 3
+    for layout, num_rows, block, lens, (q_heads, kv_heads) in cases:
+        plan = triton_ops.plan_cached(dtype, len(lens), num_rows, q_heads, kv_heads, HEAD_DIM,
+                                      max(lens) + num_rows + spare, rows_written_to_cache(layout, num_rows, block),
+                                      device)
+        assert plan.splits > 1, (layout, num_rows, lens, plan)
 
 
 # ----------------------------------------------------------------------------

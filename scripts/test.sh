@@ -18,6 +18,11 @@ if [ "${TIDAR_BUILD_CUDA}" = "1" ]; then
   bash scripts/cmake_extension.sh  # the same sources through CMakeLists.txt (find_package(Torch))
 fi
 
+# Triton codegen report (issue 16): every Triton kernel compiled ahead of time for sm_90a and
+# sm_80 at the backend's own launch configurations; fails on spills and on compute-bound
+# matmuls not on wgmma. No GPU needed.
+python scripts/triton_codegen_report.py --json build/triton_codegen_report.jsonl
+
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure

@@ -343,6 +343,9 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
     Holds the K/V tile and walks every query tile; each is classified against the
     key tile from the rows' key ranges: EMPTY (skipped), FULL (no masking) or
     PARTIAL. The GQA group's query heads are summed in registers (no atomics).
+    Products are transposed (``P^T = K Q^T``, ``dV += P^T dO``, ``dS^T = P^T (V dO^T -
+    Delta)``, ``dK += dS^T Q``, as Triton's fused-attention tutorial), so on sm_90 all
+    four matmuls run on wgmma (registers and shared memory: ``_bwd_config``).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -378,14 +381,16 @@ def attention_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV,
                 do = tl.load(_rows_ptr(DOut, b, h, t64, offs_d, sdo_b, sdo_t, sdo_h, sdo_d), mask=row_mask, other=0.0)
                 lse2 = tl.load(Lse + bh * num_rows + t64, mask=t_ok, other=float("inf")) * _LOG2E
                 delta = tl.load(Delta + bh * num_rows + t64, mask=t_ok, other=0.0)
-                p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+                # Transposed products ([key, row] tiles): the key tile is every matmul's M
+                # dimension, so all four run on Hopper's wgmma (M >= 64) with small query tiles.
+                p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
                 if full == 0:  # PARTIAL: apply the rule element-wise
-                    visible = (cols[None, :] < clean_end[:, None]) | (
-                        (cols[None, :] >= block_start[:, None]) & (cols[None, :] < block_end[:, None]))
-                    p = tl.where(visible, p, 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                    visible = (cols[:, None] < clean_end[None, :]) | (
+                        (cols[:, None] >= block_start[None, :]) & (cols[:, None] < block_end[None, :]))
+                    p_t = tl.where(visible, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+                ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
     tl.store(_rows_ptr(DK, b, hk, cols64, offs_d, sdk_b, sdk_t, sdk_h, sdk_d), (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)

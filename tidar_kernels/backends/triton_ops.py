@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton  # without triton this raises ImportError: the registry reads "backend unavailable"
 from torch.library import triton_op, wrap_triton
 
+from .. import roofline
 from ..mask import Layout, layout_clean_rows, rows_written_to_cache
 from . import Backend, Call, register_attention_autograd
 from . import triton_kernels as kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
-# Splitting the cache pays off only when each split streams a fair number of keys.
-MIN_KEYS_PER_SPLIT = 256
+# A split streams at least this many cache rows (two 64-key tiles): below that its fixed
+# costs (Q load, pipeline fill, merge rows) are not amortised; the roofline model has no term for them.
+MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
 # The interpreter has no SMs; pretend a small GPU so CPU tests exercise the split path.
 INTERPRETER_SM_COUNT = 8
@@ -72,37 +75,46 @@ def _precision(dtype: torch.dtype) -> str:
 def _warps(block_rows: int, block_d: int) -> int:
     """Warps of the forward, dQ and cached kernels for a ``block_rows x block_d`` query tile.
 
-    8 warps for every 128-row tile (flash-attention's choice), 4 below. With 4 warps a
-    128-row tile spills on sm_90 even at head dim 64 (Triton 3.9, fp16/bf16: dQ
-    ~200 B, cached ~50-90 B per thread); with 8: no spills on sm_90 at hd64/hd128
-    with Triton 3.9 (<= 213 registers); untimed.
+    8 warps (two warpgroups, flash-attention's choice) for 128-row tiles and for 64 x 128,
+    4 below: with 4 warps those tiles spill on sm_90 (Triton 3.9, bf16; registers and
+    spills per configuration: ``scripts/triton_codegen_report.py``).
     """
-    return 8 if block_rows >= 128 or block_rows * block_d >= 128 * 128 else 4
+    return 8 if block_rows >= 128 or block_rows * block_d >= 64 * 128 else 4
 
 
 def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the forward and dQ kernels.
 
-    128 x 64 is flash-attention's choice for fp16/bf16 (with 8 warps, see ``_warps``:
-    no spills on sm_90 at hd64/hd128 with Triton 3.9, forward <= 213 and dQ <= 160
-    registers; untimed); fp32 tiles take twice the shared memory per element, so they
+    128 x 64 is flash-attention's choice for fp16/bf16 (with 8 warps, see ``_warps``).
+    bf16, head dim 128, Triton 3.9, sm_90a (``scripts/triton_codegen_report.py``; untimed):
+    forward 213 registers, 128 KiB shared memory; dQ 219 registers, 160 KiB; no spills,
+    every matmul on wgmma. fp32 tiles take twice the shared memory per element, so they
     are halved.
     """
     return (64, 32) if dtype == torch.float32 else (128, 64)
+
+
+def _dq_blocks(dtype: torch.dtype, capability: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dQ kernel: the forward's, but 64-row tiles before sm_90, where
+    mma.sync's register layouts make 128-row dQ tiles spill (bf16 hd128, Triton 3.9, sm_80:
+    84 B per thread; 64 rows with 8 warps: 188 registers, no spills)."""
+    block_m, block_n = _fwd_blocks(dtype)
+    return (min(block_m, 64), block_n) if capability < 90 else (block_m, block_n)
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel.
 
     It holds K, V, dK, dV tiles of BLOCK_N rows plus one BLOCK_M query tile in flight,
-    so it is the kernel with the most live registers. fp16/bf16 on sm_90 with
-    Triton 3.9 (ptxas -v, fp16/bf16, head dims 64 and 128; untimed):
+    so it is the kernel with the most live registers. It computes the transposed
+    products (``[key, row]`` tiles), so the BLOCK_N = 64 key rows are every matmul's M
+    dimension and small query tiles still run on wgmma.
 
-    * head dim 128: 32 x 64 with 8 warps and 2 stages, 248 registers, no spills
-      (64 x 64 with 4 warps spilled ~300 B per thread, with 8 warps ~40 B; 32 x 64 with
-      4 warps ~460 B);
-    * head dim <= 64: 64 x 64 with 8 warps, 3 stages, 214 registers, no spills (4 warps
-      spilled a few bytes at 255 registers).
+    * head dim 128: 32 x 64 with 8 warps and 2 stages. bf16, Triton 3.9, sm_90a
+      (``scripts/triton_codegen_report.py``; untimed): 199 registers, 68 KiB shared
+      memory, no spills, all 28 matmul instructions wgmma (the untransposed kernel: 248
+      registers, 32 of 36 on mma.sync; 64 x 64 tiles spilled);
+    * head dim <= 64: 64 x 64 with 8 warps (4 below 64), 3 stages.
 
     fp32 tiles take twice the registers per element: 32 x 32, 4 warps, 2 stages.
     """
@@ -118,41 +130,86 @@ def _stages(dtype: torch.dtype) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def device_figures(device: torch.device) -> roofline.Device:
+    """The roofline figures the planner uses for ``device`` (read once per device).
+
+    The interpreter has no SMs: it gets a small GPU (``INTERPRETER_SM_COUNT`` SMs with an
+    H100 SM's rates), so CPU tests exercise the split path."""
     if device.type != "cuda":
-        return INTERPRETER_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return roofline.device_for("Triton interpreter", INTERPRETER_SM_COUNT, roofline.H100.smem_per_sm, 90)
+    props = torch.cuda.get_device_properties(device)
+    return roofline.device_for(props.name, props.multi_processor_count, props.shared_memory_per_multiprocessor,
+                               props.major * 10 + props.minor)
 
 
-def num_splits(programs: int, max_len: int, device: torch.device) -> int:
-    """How many chunks the cache is split into (flash-decoding), from static sizes only.
+@dataclass(frozen=True)
+class CachedPlan:
+    """Launch configuration of ``cached_attention_kernel`` (and the merge when ``splits > 1``)."""
 
-    Aim for about two waves of programs over the SMs; never give a split fewer than
-    ``MIN_KEYS_PER_SPLIT`` cache rows at full capacity (the merge would cost more
-    than it saves). Chunks are sized from the real lengths inside the kernel, so
-    the work stays balanced for any ``cache_seqlens``.
-    """
-    wanted = triton.cdiv(2 * _sm_count(device), programs)
-    return max(1, min(wanted, max_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    splits: int
+    estimate: roofline.Estimate
 
 
-def _cached_blocks(dtype: torch.dtype, packed_rows: int, block_d: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the cached kernel.
+def _cached_block_n(dtype: torch.dtype, block_m: int, block_d: int, capability: int) -> int:
+    """Key-tile width of the cached kernel: small row tiles take wider key tiles to keep
+    enough bytes in flight, but at head dim 128 with 16-32 rows ptxas (Triton 3.9, sm_90)
+    spills ~10 KB per thread with 128-key tiles, <1 KB with 64. Before sm_90 (mma.sync
+    register layouts) 64-key tiles spill at head dim 128 too (bf16, sm_80: 16-64 B per
+    thread), 32-key tiles do not."""
+    if dtype == torch.float32 or (capability < 90 and block_d >= 128):
+        return 32 if block_d >= 128 else 64
+    return 128 if block_m <= 32 and block_d <= 64 else 64
 
-    BLOCK_M covers all packed (query row, group head) rows of a small decode step in
-    one tile, so cached K/V are read once per KV head; small row tiles take wider key
-    tiles to keep enough bytes in flight. 128-row tiles run with 8 warps (``_warps``):
-    no spills on sm_90 at hd64/hd128 with Triton 3.9 (<= 181 registers; 4 warps
-    spilled ~50-90 B at hd64); 16-row tiles with 4 warps use <= 142; untimed.
+
+def _cached_block_m_options(dtype: torch.dtype, packed_rows: int) -> tuple[int, ...]:
+    """Row-tile sizes the planner weighs for ``packed_rows`` (query row, group head) rows.
+
+    A small step (<= 32 rows, memory-bound) takes one tile of the rows rounded up to a
+    power of two >= 16; larger ones 64- or 128-row tiles (what Hopper's wgmma takes from
+    one or two warpgroups), whichever the model prices lower: 64 pads fewer rows, 128
+    reads each K/V tile for more rows. fp32 tiles take twice the shared memory and
+    registers per element: at most 64 rows.
     """
     cap = 64 if dtype == torch.float32 else 128
-    block_m = min(cap, max(16, triton.next_power_of_2(packed_rows)))
-    # 128-key tiles only for head dims <= 64: at head dim 128 with 16-32 rows, ptxas
-    # (Triton 3.9, sm_90) spills ~10 KB per thread with 128-key tiles, <1 KB with 64.
-    block_n = 128 if block_m <= 32 and block_d <= 64 and dtype != torch.float32 else 64
-    if dtype == torch.float32 and block_d >= 128:
-        block_n = 32
-    return block_m, block_n
+    if packed_rows <= 32:
+        return (max(16, triton.next_power_of_2(packed_rows)),)
+    return tuple(m for m in (64, 128) if m <= cap)
+
+
+@functools.lru_cache(maxsize=4096)  # every layer of every step asks again: price each shape once
+def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_heads: int, head_dim: int,
+                max_len: int, rows_written: int, device: roofline.Device) -> CachedPlan:
+    """Row tile, key tile, warps, stages and cache splits (flash-decoding) of a cached launch.
+
+    From static sizes only (the cache taken full at ``max_len``): the launch is the same on
+    every step and can be captured in a CUDA graph. Splits and row tile are the pair of
+    least time under :func:`tidar_kernels.roofline.estimate`: memory-bound steps split
+    until the SMs are busy, compute-bound ones only while idle SMs cost more than the
+    fp32 partials' traffic. Chunks are sized from the real lengths inside the kernel, so
+    the work stays balanced for any ``cache_seqlens``.
+
+    bf16, head dim 128, Triton 3.9 (``scripts/triton_codegen_report.py``; untimed): on
+    sm_90a 64-row tiles with 8 warps use 220-232 registers and 112 KiB of shared memory,
+    128-row tiles 220 and 128 KiB, 16-row tiles (AR step, 4 warps) 142 and 70 KiB, all
+    without spills and with every decode matmul on wgmma (16-row tiles: mma.sync); on
+    sm_80 with 32-key tiles 255 and 126 registers, no spills.
+    """
+    block_d = _block_d(head_dim)
+    elem_bytes = torch.empty((), dtype=dtype, device="meta").element_size()
+    stages = _stages(dtype)
+    step = roofline.CachedStep(batch, num_rows, q_heads, kv_heads, head_dim, max_len, rows_written, elem_bytes)
+    block_n_of = {}
+    for block_m in _cached_block_m_options(dtype, step.packed_rows):
+        block_n = _cached_block_n(dtype, block_m, block_d, device.capability)
+        # Shared memory: the Q tile plus `stages` buffers of K and V tiles (what Triton allocates).
+        smem = elem_bytes * block_d * (block_m + stages * 2 * block_n)
+        block_n_of[roofline.CachedKernel(block_m, _warps(block_m, block_d), smem)] = block_n
+    kernel, splits, guess = roofline.plan_splits(step, block_n_of, device, MAX_SPLITS, MIN_KEYS_PER_SPLIT)
+    return CachedPlan(kernel.block_m, block_n_of[kernel], kernel.warps, stages, splits, guess)
 
 
 # ----------------------------------------------------------------------------
@@ -198,7 +255,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _LAUNCH_BWD_PRE[(triton.cdiv(num_rows, 64), batch * num_heads)](
         out, dout, delta, *out.stride(), *dout.stride(), num_rows, num_heads, head_dim,
         BLOCK_M=64, BLOCK_D=block_d)
-    block_m, block_n = _fwd_blocks(q.dtype)
+    block_m, block_n = _dq_blocks(q.dtype, device_figures(q.device).capability)
     _LAUNCH_BWD_DQ[(triton.cdiv(num_rows, block_m), batch * num_heads)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         num_rows, num_heads, num_heads // num_kv_heads, clean_rows, block_size, qk_scale, scale, head_dim,
@@ -237,11 +294,12 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 
     block_d = _block_d(head_dim)
     packed_rows = num_rows * group
-    block_m, block_n = _cached_blocks(q.dtype, packed_rows, block_d)
-    row_tiles = triton.cdiv(packed_rows, block_m)
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)  # cache rows per sequence
-    splits = num_splits(batch * num_kv_heads * row_tiles, capacity, q.device)
+    plan = plan_cached(q.dtype, batch, num_rows, num_heads, num_kv_heads, head_dim, capacity, written,
+                       device_figures(q.device))
+    block_m, block_n, splits = plan.block_m, plan.block_n, plan.splits
+    row_tiles = triton.cdiv(packed_rows, block_m)
     if splits > 1:
         o_part = torch.empty((batch * num_kv_heads, splits, packed_rows, head_dim), dtype=torch.float32,
                              device=q.device)
@@ -259,8 +317,7 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         head_dim,
         LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, PAGED=paged,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-        num_warps=_warps(block_m, block_d), num_stages=_stages(q.dtype))
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=plan.warps, num_stages=plan.stages)
     if splits > 1:
         # 32 rows: with 64 rows x head dim 128 in fp32 the merge spills registers on sm_90.
         _LAUNCH_MERGE[(triton.cdiv(packed_rows, 32), batch * num_kv_heads)](

@@ -1,0 +1,328 @@
+"""Codegen report of the Triton kernels, compiled ahead of time without a GPU (CI runs it).
+
+For each headline shape (decode k = 4, 8, 16 with Qwen2.5-1.5B 12/2 and Qwen3-8B 32/8
+heads, head dim 128, cache 4096, batch 1 and 8; the AR step; training S = 2048, block
+16, forward and backward; bf16) the backend's own op functions in
+``tidar_kernels/backends/triton_ops.py`` run on ``meta`` tensors with their kernel
+launchers replaced by a recorder and the planner's device figures set to the target
+GPU (``sm_90a``: H100, ``sm_80``: A100). So every launch configuration (tiles, warps,
+stages, splits, grid) is exactly what the backend picks, from the same planning
+functions. Each recorded launch is then specialised the way a real launch is (Triton's
+own binder: ints equal to 1 become constants, 16-divisible ints and 16-byte aligned
+pointers get divisibility hints; strides come from real 4-D meta tensors, not from
+Triton's ``MockTensor`` whose 4-D strides are wrong) and compiled with
+``triton.compile`` for ``GPUTarget("cuda", 90 | 80, 32)``: no driver is needed.
+
+Per kernel and shape it prints ``wgmma`` / ``mma_sync`` (matmul instructions in the
+PTX), ``tma`` (bulk tensor copies in the PTX), registers and spill bytes (ptxas),
+shared memory (Triton), grid and, for the cached kernel, ``splits``, ``partial_bytes``
+(fp32 partials written and read) and ``ideal_bytes`` (what the step must move), with
+the roofline model's estimate (``tidar_kernels/roofline.py``).
+
+Exits 1 on any spill, and on any matmul of a compute-bound path (decode k >= 8,
+training) that is not ``wgmma`` on sm_90a. ``--json PATH`` writes one JSON line per
+kernel, shape and arch.
+
+    python scripts/triton_codegen_report.py [--json report.jsonl] [--arch sm_90a] [--only REGEX] [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
+# Triton 3.9's default made explicit (a real launch with the variable unset fuses too); silences its warning.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from tidar_kernels import roofline  # noqa: E402
+from tidar_kernels.backends import triton_ops  # noqa: E402
+from tidar_kernels.mask import Layout, rows_written_to_cache  # noqa: E402
+
+ARCHS = {"sm_90a": (90, roofline.H100), "sm_80": (80, roofline.A100)}
+MODELS = {"qwen2.5-1.5b": (12, 2), "qwen3-8b": (32, 8)}
+HEAD_DIM, CACHE_LEN, DTYPE = 128, 4096, torch.bfloat16
+LAUNCHERS = ("_LAUNCH_FWD", "_LAUNCH_BWD_PRE", "_LAUNCH_BWD_DQ", "_LAUNCH_BWD_DKDV", "_LAUNCH_CACHED",
+             "_LAUNCH_MERGE")
+
+
+@dataclass
+class Shape:
+    """One headline case: ``run`` calls the backend's op functions on meta tensors."""
+
+    name: str
+    compute_bound: bool  # the issue's compute-bound paths: decode k >= 8 and training
+    run: Callable[[], None]
+    step: Optional[roofline.CachedStep] = None
+
+
+@dataclass
+class Launch:
+    kernel: object  # the JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    plan: Optional[triton_ops.CachedPlan] = None
+
+
+@dataclass
+class Compiled:
+    wgmma: int
+    mma_sync: int
+    tma: int
+    regs: int
+    spills: int
+    smem_bytes: int
+    warps: int
+    stages: int
+    seconds: float
+
+
+def _meta(*shape, dtype=DTYPE):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _cached_shape(name: str, batch: int, num_rows: int, heads: tuple[int, int], layout: Layout, block: int,
+                  compute_bound: bool) -> Shape:
+    q_heads, kv_heads = heads
+    written = rows_written_to_cache(layout, num_rows, block)
+
+    def run():
+        q = _meta(batch, num_rows, q_heads, HEAD_DIM)
+        k_new, v_new = (_meta(batch, num_rows, kv_heads, HEAD_DIM) for _ in range(2))
+        k_cache, v_cache = (_meta(batch, CACHE_LEN, kv_heads, HEAD_DIM) for _ in range(2))
+        seqlens = _meta(batch, dtype=torch.int32)
+        triton_ops.cached_attention._init_fn(q, k_new, v_new, k_cache, v_cache, seqlens, None, int(layout), block,
+                                             HEAD_DIM ** -0.5)
+
+    step = roofline.CachedStep(batch, num_rows, q_heads, kv_heads, HEAD_DIM, CACHE_LEN, written, 2)
+    return Shape(name, compute_bound, run, step)
+
+
+def _training_shape(seq_len: int, block: int, heads: tuple[int, int]) -> Shape:
+    q_heads, kv_heads = heads
+    rows = 2 * seq_len  # [S clean | S mask]
+
+    def run():
+        q, dout, out = (_meta(1, rows, q_heads, HEAD_DIM) for _ in range(3))
+        k, v = (_meta(1, rows, kv_heads, HEAD_DIM) for _ in range(2))
+        triton_ops.attention_fwd._init_fn(q, k, v, int(Layout.TRAINING), block, HEAD_DIM ** -0.5)
+        lse = _meta(1, q_heads, rows, dtype=torch.float32)
+        triton_ops.attention_bwd._init_fn(dout, q, k, v, out, lse, int(Layout.TRAINING), block, HEAD_DIM ** -0.5)
+
+    return Shape(f"train-s{seq_len}-b{block}", True, run)
+
+
+def headline_shapes() -> list[Shape]:
+    shapes = []
+    for model, heads in MODELS.items():
+        for batch in (1, 8):
+            for k in (4, 8, 16):
+                shapes.append(_cached_shape(f"decode-{model}-k{k}-n{CACHE_LEN}-b{batch}", batch, k + k * k, heads,
+                                            Layout.DECODE, k, compute_bound=k >= 8))
+            shapes.append(_cached_shape(f"ar-{model}-n{CACHE_LEN}-b{batch}", batch, 1, heads, Layout.CAUSAL, 1,
+                                        compute_bound=False))
+    shapes.append(_training_shape(2048, 16, MODELS["qwen2.5-1.5b"]))
+    return shapes
+
+
+@contextlib.contextmanager
+def recording(device: roofline.Device, launches: list[Launch]):
+    """Inside: the ops' launchers record instead of launching, and the planner plans for ``device``."""
+    saved = {name: getattr(triton_ops, name) for name in LAUNCHERS}
+    saved_figures, saved_plan = triton_ops.device_figures, triton_ops.plan_cached
+    plans = []
+
+    def plan_and_keep(*args, **kwargs):
+        plans.append(saved_plan(*args, **kwargs))
+        return plans[-1]
+
+    class Recorder:
+        def __init__(self, launcher):
+            self.kernel = getattr(launcher, "kernel", launcher)  # wrap_triton keeps the JITFunction
+
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                plan = plans[-1] if self.kernel is triton_ops.kernels.cached_attention_kernel else None
+                launches.append(Launch(self.kernel, tuple(grid), args, kwargs, plan))
+            return record
+
+    try:
+        for name in LAUNCHERS:
+            setattr(triton_ops, name, Recorder(saved[name]))
+        triton_ops.device_figures = lambda _device: device
+        triton_ops.plan_cached = plan_and_keep
+        yield
+    finally:
+        for name, launcher in saved.items():
+            setattr(triton_ops, name, launcher)
+        triton_ops.device_figures, triton_ops.plan_cached = saved_figures, saved_plan
+
+
+def specialise(launch: Launch, capability: int):
+    """What ``JITFunction.run`` compiles for these arguments: ``(signature, constexprs, attrs, options)``."""
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.kwargs, bound, specialization,
+                                                                     options)
+    return signature, constexprs, attrs, options
+
+
+_JOBS: list = []  # (kernel, signature, constexprs, attrs, options, capability), shared with forked workers
+
+
+def _compile(index: int) -> Compiled:
+    kernel, signature, constexprs, attrs, options, capability = _JOBS[index]
+    log = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(log):  # ptxas -v output (knobs.nvidia.dump_ptxas_log)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", capability, 32), options=options.__dict__)
+    seconds = time.perf_counter() - start
+    ptx, text = compiled.asm["ptx"], log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if not regs or not spills:
+        raise RuntimeError(f"{kernel.__name__}: no ptxas register report in the compile log:\n{text}")
+    return Compiled(
+        wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
+        mma_sync=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
+        tma=len(re.findall(r"^\s*cp\.async\.bulk\.tensor", ptx, re.M)),
+        regs=int(regs[-1]), spills=sum(int(a) + int(b) for a, b in spills),
+        smem_bytes=compiled.metadata.shared, warps=options.num_warps, stages=options.num_stages,
+        seconds=seconds)
+
+
+def _key(spec, capability, kernel) -> str:
+    signature, constexprs, attrs, options = spec
+    return repr((kernel.__name__, capability, sorted(signature.items()), sorted(constexprs.items()),
+                 sorted(attrs.items()), sorted(options.__dict__.items())))
+
+
+def run(archs: list[str], jobs: int, only: str) -> list[dict]:
+    shapes = [shape for shape in headline_shapes() if re.search(only, shape.name)]
+    recorded = []  # (arch, shape, launch, job index)
+    index_of: dict[str, int] = {}
+    for arch in archs:
+        capability, device = ARCHS[arch]
+        for shape in shapes:
+            launches: list[Launch] = []
+            with recording(device, launches):
+                shape.run()
+            for launch in launches:
+                spec = specialise(launch, capability)
+                key = _key(spec, capability, launch.kernel)
+                if key not in index_of:
+                    index_of[key] = len(_JOBS)
+                    _JOBS.append((launch.kernel, *spec, capability))
+                recorded.append((arch, shape, launch, index_of[key]))
+
+    start = time.perf_counter()
+    if jobs > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile, range(len(_JOBS)), chunksize=1)
+    else:
+        results = [_compile(i) for i in range(len(_JOBS))]
+    print(f"compiled {len(_JOBS)} distinct kernel specialisations in {time.perf_counter() - start:.0f} s "
+          f"({jobs} processes)")
+
+    rows = []
+    for arch, shape, launch, index in recorded:
+        result = results[index]
+        row = {"kernel": launch.kernel.__name__.removesuffix("_kernel"), "shape": shape.name, "arch": arch,
+               "compute_bound": shape.compute_bound, "wgmma": result.wgmma, "mma_sync": result.mma_sync,
+               "tma": result.tma, "regs": result.regs, "spills": result.spills, "smem_bytes": result.smem_bytes,
+               "warps": result.warps, "stages": result.stages, "grid": list(launch.grid),
+               "block_m": launch.kwargs.get("BLOCK_M"), "block_n": launch.kwargs.get("BLOCK_N"),
+               "compile_s": round(result.seconds, 1)}
+        if launch.plan is not None:
+            device = ARCHS[arch][1]
+            row |= {"splits": launch.plan.splits, "partial_bytes": launch.plan.estimate.partial_bytes,
+                    "ideal_bytes": shape.step.ideal_bytes(), "model_us": launch.plan.estimate.seconds * 1e6,
+                    "limit_us": roofline.limit_seconds(shape.step.flops(), shape.step.ideal_bytes(), device) * 1e6,
+                    "roofline_compute_bound": roofline.compute_bound(shape.step, device)}
+        rows.append(row)
+    return rows
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """Spills anywhere; matmuls not on wgmma in a compute-bound path on sm_90a."""
+    found = []
+    for row in rows:
+        where = f"{row['kernel']} {row['shape']} {row['arch']}"
+        if row["spills"]:
+            found.append(f"{where}: {row['spills']} bytes of register spills")
+        if row["arch"] == "sm_90a" and row["compute_bound"] and row["mma_sync"]:
+            found.append(f"{where}: {row['mma_sync']} matmuls on mma.sync, not wgmma (compute-bound path)")
+    return found
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["arch", "shape", "kernel", "wgmma", "mma_sync", "tma", "regs", "spills", "smem_bytes", "warps",
+               "stages", "block_m", "grid", "splits", "partial_bytes", "ideal_bytes", "model_us", "limit_us"]
+
+    def cell(row, column):
+        value = row.get(column, "")
+        if column in ("partial_bytes", "ideal_bytes") and value != "":
+            return f"{value / 1e6:.1f}M"
+        if column in ("model_us", "limit_us") and value != "":
+            return f"{value:.1f}"
+        if column == "grid":
+            return "x".join(str(g) for g in value)
+        return str(value)
+
+    cells = [[cell(row, c) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write one JSON line per kernel, shape and arch")
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
+    parser.add_argument("--only", default="", help="regex: only the shapes whose name matches")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    args = parser.parse_args(argv)
+    knobs.nvidia.dump_ptxas_log = True
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every kernel really compiles (ptxas log)
+        knobs.cache.dir = cache
+        rows = run(args.arch or list(ARCHS), args.jobs, args.only)
+    print_table(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {args.json}")
+    over = [f"{row['shape']} {row['arch']} ({row['partial_bytes'] / 1e6:.1f} MB > {row['ideal_bytes'] / 1e6:.1f} MB)"
+            for row in rows if row["compute_bound"] and row.get("partial_bytes", 0) > row.get("ideal_bytes", 1e30)]
+    if over:  # reported, not a failure: the model prices the partials and still prefers the split
+        print("compute-bound steps whose split partials exceed the ideal bytes: " + "; ".join(over))
+    found = failures(rows)
+    for line in found:
+        print(f"FAIL {line}", file=sys.stderr)
+    print("codegen report: " + (f"{len(found)} failures" if found else "no spills; compute-bound matmuls on wgmma"))
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
