@@ -94,10 +94,11 @@ def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
     return (64, 32) if dtype == torch.float32 else (128, 64)
 
 
-def _dq_blocks(dtype: torch.dtype, capability: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the dQ kernel: the forward's, but 64-row tiles before sm_90, where
-    mma.sync's register layouts make 128-row dQ tiles spill (bf16 hd128, Triton 3.9, sm_80:
-    84 B per thread; 64 rows with 8 warps: 188 registers, no spills)."""
+def _fwd_dq_blocks(dtype: torch.dtype, capability: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward and dQ kernels on ``capability``: :func:`_fwd_blocks`,
+    but 64-row tiles before sm_90, where mma.sync's register layouts make 128-row tiles
+    spill (bf16 hd128, Triton 3.9, sm_80: dQ 84 B per thread, forward 12 B; 64 rows with
+    8 warps: dQ 188 registers, no spills)."""
     block_m, block_n = _fwd_blocks(dtype)
     return (min(block_m, 64), block_n) if capability < 90 else (block_m, block_n)
 
@@ -225,7 +226,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: int
     out = torch.empty((batch, num_rows, num_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, num_heads, num_rows), dtype=torch.float32, device=q.device)
     block_d = _block_d(head_dim)
-    block_m, block_n = _fwd_blocks(q.dtype)
+    block_m, block_n = _fwd_dq_blocks(q.dtype, device_figures(q.device).capability)
     grid = (triton.cdiv(num_rows, block_m), batch * num_heads)
     _LAUNCH_FWD[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -255,7 +256,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _LAUNCH_BWD_PRE[(triton.cdiv(num_rows, 64), batch * num_heads)](
         out, dout, delta, *out.stride(), *dout.stride(), num_rows, num_heads, head_dim,
         BLOCK_M=64, BLOCK_D=block_d)
-    block_m, block_n = _dq_blocks(q.dtype, device_figures(q.device).capability)
+    block_m, block_n = _fwd_dq_blocks(q.dtype, device_figures(q.device).capability)
     _LAUNCH_BWD_DQ[(triton.cdiv(num_rows, block_m), batch * num_heads)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         num_rows, num_heads, num_heads // num_kv_heads, clean_rows, block_size, qk_scale, scale, head_dim,
