@@ -63,7 +63,9 @@ def cuda_extension():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    # --use_fast_math implies -ftz=true; -ftz=false after it keeps subnormals (accept_drafts compares
+    # subnormal logits exactly like torch.argmax).
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-ftz=false", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
     if os.environ.get("TIDAR_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))

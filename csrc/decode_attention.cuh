@@ -200,11 +200,22 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     key_lo = min(split * chunk, n);
     key_hi = min(key_lo + chunk, n);
   }
-  // Tiles the local split skips: exact classification from the shared mask rule.
+  // Tiles the local split skips: exact classification from the shared mask rule, done once per
+  // CTA up front (one thread per key tile, in parallel) so the key loop reads a byte instead of
+  // re-running classify_tile (a loop over the CTA's tokens with a division each) in every thread.
+  __shared__ uint8_t local_tile_kind[kDecodeMaxLocalTiles];
+  if (local) {  // uniform per CTA
+    for (int t = threadIdx.x; t * kBlockN < key_hi; t += kThreads) {
+      const int first = t * kBlockN;
+      TileKind kind = classify_tile(layout, tok_lo, tok_hi, first, min(first + kBlockN, key_hi));
+      if (kind == TileKind::kFull && first + kBlockN > key_hi) kind = TileKind::kPartial;
+      local_tile_kind[t] = static_cast<uint8_t>(kind);
+    }
+    __syncthreads();
+  }
   auto tile_kind = [&](int first) -> TileKind {
     if (!local) return first + kBlockN <= key_hi ? TileKind::kFull : TileKind::kPartial;
-    const TileKind kind = classify_tile(layout, tok_lo, tok_hi, first, min(first + kBlockN, key_hi));
-    return (kind == TileKind::kFull && first + kBlockN > key_hi) ? TileKind::kPartial : kind;
+    return static_cast<TileKind>(local_tile_kind[first / kBlockN]);  // the local keys start at 0
   };
   auto next_tile = [&](int first) {  // first tile start >= `first` with work, or key_hi
     while (first < key_hi && tile_kind(first) == TileKind::kEmpty) first += kBlockN;

@@ -21,6 +21,9 @@ namespace tidar {
 constexpr int kDecodeBlockM = 64;   // query rows per CTA (4 warps x 16 rows)
 constexpr int kDecodeBlockN = 64;   // keys per pipeline stage
 constexpr int kDecodeThreads = 128;
+// The step-local split classifies its key tiles once into shared memory: at most this many
+// tiles, so steps = k + k*k <= kDecodeBlockN * kDecodeMaxLocalTiles (k <= 63).
+constexpr int kDecodeMaxLocalTiles = 64;
 
 struct DecodeParams {
   // q [batch, steps, q_heads, head_dim]; k_new / v_new [batch, steps, kv_heads, head_dim];
