@@ -5,6 +5,9 @@ Environment (all documented in docs/ENVIRONMENT.md):
                      unset: build when a CUDA toolkit and a CUDA-enabled torch exist.
   TIDAR_CUDA_ARCHS   semicolon list of targets, default "80;90a" (sm_80 and sm_90a).
   TIDAR_PTXAS_VERBOSE  "1" prints ptxas register/spill reports for every kernel.
+  TIDAR_BUILD_EMULATED "1" forces the emulated extension tidar_kernels._C_emulated (the CUDA
+                     kernels compiled for the CPU, backend "cuda_emulated"), "0" skips it; unset:
+                     build it when CUDA headers are found (no GPU or nvcc needed).
   CUDA_HOME          the toolkit; if unset we take it from the real nvcc (torch's own
                      guess from a wrapper in /usr/local/bin is wrong on some machines).
 No GPU is needed to build. Install with `pip install --no-build-isolation .` so
@@ -77,16 +80,91 @@ def cuda_extension():
     )
 
 
+def find_cuda_headers():
+    """Include dirs for compiling the CUDA kernels with a host compiler, or None.
+
+    The toolkit's include/ when there is one; else, without any toolkit, the CUDA runtime
+    headers Triton bundles plus CCCL's <nv/target> from NVIDIA's pip runtime package (both
+    come with the CUDA build of torch).
+    """
+    needed = ("cuda_runtime.h", os.path.join("crt", "host_defines.h"), "cuda_fp16.h", "cuda_bf16.h",
+              os.path.join("nv", "target"))
+    candidates = []
+    home = find_cuda_home()
+    if home:
+        candidates.append([os.path.join(home, "include")])
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include")
+        import nvidia
+
+        candidates.append([bundled] + sorted(glob.glob(os.path.join(nvidia.__path__[0], "*", "include", "cccl"))))
+    except ImportError:
+        pass
+    for dirs in candidates:
+        if all(any(os.path.exists(os.path.join(d, f)) for d in dirs) for f in needed):
+            return dirs
+    return None
+
+
+def want_emulated_build():
+    """(include dirs or None, reason) following TIDAR_BUILD_EMULATED and what this machine has."""
+    forced = os.environ.get("TIDAR_BUILD_EMULATED")
+    if forced == "0":
+        return None, "TIDAR_BUILD_EMULATED=0"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        reason = "torch is not importable at build time"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
+        return None, reason
+    headers = find_cuda_headers()
+    if headers is None:
+        reason = "no CUDA headers (toolkit, or Triton's bundled ones)"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
+        return None, reason
+    return headers, f"CUDA headers from {headers[0]}"
+
+
+def emulated_extension(headers):
+    """The CUDA kernel sources compiled by the host compiler against csrc/emulation/ (CPU backend)."""
+    from torch.utils.cpp_extension import CppExtension
+
+    sources = [os.path.join("csrc", "emulation", "bindings_emulated.cpp"),
+               os.path.join("csrc", "emulation", "kernels_emulated.cpp"),
+               os.path.join("csrc", "decode_attention_plan.cpp")]
+    # Hidden symbols: the kernels keep the CUDA build's names (tidar::run_decode_attention, ...).
+    # No FMA contraction: the kernels' __fadd_rn/__fmul_rn and the emulated rounding stay exact.
+    flags = ["-O2", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off", "-pthread", "-Wno-unknown-pragmas"]
+    return CppExtension(
+        name="tidar_kernels._C_emulated",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + headers,
+        extra_compile_args={"cxx": flags},
+        extra_link_args=["-pthread"],
+    )
+
+
 build_cuda, reason = want_cuda_build()
+emulated_headers, emulated_reason = want_emulated_build()
 ext_modules, cmdclass = [], {}
 if build_cuda:
-    from torch.utils.cpp_extension import BuildExtension
-
-    ext_modules = [cuda_extension()]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    ext_modules.append(cuda_extension())
     print(f"tidar-kernels: building the CUDA extension ({reason})", flush=True)
 else:
     print(f"tidar-kernels: installing the pure-Python package without the CUDA extension ({reason})", flush=True)
+if emulated_headers is not None:
+    ext_modules.append(emulated_extension(emulated_headers))
+    print(f"tidar-kernels: building the emulated CUDA kernels for the CPU ({emulated_reason})", flush=True)
+else:
+    print(f"tidar-kernels: not building the emulated CUDA kernels ({emulated_reason})", flush=True)
+if ext_modules:
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
     packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]),
