@@ -15,26 +15,13 @@ the extension is compiled against the torch you run.
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_cuda_home():
-    """CUDA_HOME, else the toolkit whose bin/ holds nvcc and include/ cuda_runtime.h."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    candidates = ["/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in candidates:
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from cuda_headers import find_cuda_headers, find_cuda_home  # noqa: E402  (shared with the scripts)
 
 
 def want_cuda_build():
@@ -78,34 +65,6 @@ def cuda_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
     )
-
-
-def find_cuda_headers():
-    """Include dirs for compiling the CUDA kernels with a host compiler, or None.
-
-    The toolkit's include/ when there is one; else, without any toolkit, the CUDA runtime
-    headers Triton bundles plus CCCL's <nv/target> from NVIDIA's pip runtime package (both
-    come with the CUDA build of torch).
-    """
-    needed = ("cuda_runtime.h", os.path.join("crt", "host_defines.h"), "cuda_fp16.h", "cuda_bf16.h",
-              os.path.join("nv", "target"))
-    candidates = []
-    home = find_cuda_home()
-    if home:
-        candidates.append([os.path.join(home, "include")])
-    try:
-        import triton
-
-        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include")
-        import nvidia
-
-        candidates.append([bundled] + sorted(glob.glob(os.path.join(nvidia.__path__[0], "*", "include", "cccl"))))
-    except ImportError:
-        pass
-    for dirs in candidates:
-        if all(any(os.path.exists(os.path.join(d, f)) for d in dirs) for f in needed):
-            return dirs
-    return None
 
 
 def want_emulated_build():

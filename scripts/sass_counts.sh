@@ -32,7 +32,7 @@ for f in "${files[@]}"; do
     -Icsrc -c "$f" -o "$tmp/out.o"
   # cuobjdump prints "arch = sm_XX", "Function : NAME", then lines "/*0040*/ OPCODE ... ;".
   "$CUOBJDUMP" -sass "$tmp/out.o" | awk '
-    /arch = sm_/ { arch = $3 }
+    /arch = sm_/ { if (name != "") emit(); name = ""; arch = $3 }
     /Function :/ { if (name != "") emit(); name = $3; n = 0; delete ops }
     /^[[:space:]]+\/\*[0-9a-f]+\*\/[[:space:]]/ {
       line = $0; sub(/^[[:space:]]+\/\*[0-9a-f]+\*\/[[:space:]]+/, "", line)
