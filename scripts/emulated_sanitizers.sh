@@ -6,7 +6,7 @@
 # ThreadSanitizer (the racecheck equivalent: the emulated CUDA threads are OS threads), runs
 # both, and fails on any sanitizer report or wrong result.
 #
-# Usage: scripts/emulated_sanitizers.sh [SRC_DIR [BUILD_DIR [asan|tsan|both [driver args]]]]
+# Usage: scripts/emulated_sanitizers.sh [SRC_DIR [BUILD_DIR [asan|tsan|both|plain [driver args]]]]
 #   SRC_DIR   sources to build (default: this checkout's csrc; the mutation script passes a copy)
 #   BUILD_DIR where the binaries go (default build/sanitizers)
 # Needs g++ (or CXX) with libasan/libubsan/libtsan and the CUDA headers (scripts/cuda_headers.py).
@@ -41,6 +41,9 @@ run() {  # name, sanitizer flags, env
 }
 
 status=0
+if [ "$which" = plain ]; then  # no sanitizer: wrong results only (the mutation script's quick build)
+  run plain "" "" "$@" || status=1
+fi
 if [ "$which" = asan ] || [ "$which" = both ]; then
   run asan "-fsanitize=address,undefined -fno-sanitize-recover=all" \
     "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1" "$@" || status=1

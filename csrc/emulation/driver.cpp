@@ -310,7 +310,8 @@ void run_accept(const AcceptCase& c) {
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
   std::vector<DecodeCase> decode = {
-      {false, 64, 2, 4, 2, 80, 2, {70, 0}},        // a partial last tile, an empty sequence, GQA 2
+      {false, 64, 2, 4, 2, 160, 1, {150, 0}},      // 3 key tiles through both stages, a partial last
+                                                   // tile, an empty sequence, GQA 2
       {true, 128, 3, 6, 2, 40, 1, {37}},           // cache filled to max_len, GQA 3
   };
   std::vector<AcceptCase> accept = {

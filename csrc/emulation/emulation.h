@@ -217,10 +217,22 @@ inline T shfl_xor(unsigned mask, T value, int lane_mask, int width) {
   return out;
 }
 
+// Shared-memory traffic of the emulated instructions goes through these byte loops, not
+// memcpy/memset: GCC folds a small memset/memcpy into one aggregate store that ThreadSanitizer
+// does not instrument, which would hide exactly the races (a stage refilled while read) the
+// emulation exists to show.
+inline void store_bytes(unsigned char* dst, const unsigned char* src, int count) {
+  volatile unsigned char* to = dst;
+  for (int i = 0; i < count; ++i) to[i] = src[i];
+}
+inline void fill_bytes(unsigned char* dst, unsigned char value, int count) {
+  volatile unsigned char* to = dst;
+  for (int i = 0; i < count; ++i) to[i] = value;
+}
+
 inline uint16_t load_b16(const unsigned char* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
+  const volatile unsigned char* from = p;
+  return static_cast<uint16_t>(from[0] | (from[1] << 8));  // little endian, like the device
 }
 
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (PTX ISA, "Warp-level matrix load
@@ -295,7 +307,7 @@ inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
     fail("cp.async.cg 16: global source %p is not 16-byte aligned", src);
   unsigned char* to = shared_bytes(dst, 16, "cp.async destination");
-  std::memset(to, 0xFF, 16);  // in flight: whoever reads it before the wait sees NaN
+  fill_bytes(to, 0xFF, 16);  // in flight: whoever reads it before the wait sees NaN
   self().open_group.push_back({to, static_cast<const unsigned char*>(src), src_bytes});
 }
 
@@ -309,8 +321,8 @@ inline void cp_async_wait_group(int pending) {
   Thread& t = self();
   while (static_cast<int>(t.committed.size()) > pending) {
     for (const PendingCopy& copy : t.committed.front()) {
-      if (copy.src_bytes > 0) std::memcpy(copy.dst, copy.src, copy.src_bytes);
-      std::memset(copy.dst + copy.src_bytes, 0, 16 - copy.src_bytes);  // zero fill
+      store_bytes(copy.dst, copy.src, copy.src_bytes);
+      fill_bytes(copy.dst + copy.src_bytes, 0, 16 - copy.src_bytes);  // zero fill
     }
     t.committed.pop_front();
   }
