@@ -26,6 +26,7 @@ common=(-std=c++17 -O1 -g -pthread -ffp-contract=off -Wno-unknown-pragmas -fno-o
 
 run() {  # name, sanitizer flags, env
   local name=$1 flags=$2 env=$3
+  shift 3  # the rest: driver arguments
   local start=$SECONDS
   # shellcheck disable=SC2086
   "$CXX" "${common[@]}" $flags "${sources[@]}" -o "$out/driver_$name"
