@@ -5,6 +5,9 @@ Environment (all documented in docs/ENVIRONMENT.md):
                      unset: build when a CUDA toolkit and a CUDA-enabled torch exist.
   TIDAR_CUDA_ARCHS   semicolon list of targets, default "80;90a" (sm_80 and sm_90a).
   TIDAR_PTXAS_VERBOSE  "1" prints ptxas register/spill reports for every kernel.
+  TIDAR_BUILD_EMULATED "1" forces the emulated extension tidar_kernels._C_emulated (the CUDA
+                     kernels compiled for the CPU, backend "cuda_emulated"), "0" skips it; unset:
+                     build it when CUDA headers are found (no GPU or nvcc needed).
   CUDA_HOME          the toolkit; if unset we take it from the real nvcc (torch's own
                      guess from a wrapper in /usr/local/bin is wrong on some machines).
 No GPU is needed to build. Install with `pip install --no-build-isolation .` so
@@ -12,26 +15,13 @@ the extension is compiled against the torch you run.
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_cuda_home():
-    """CUDA_HOME, else the toolkit whose bin/ holds nvcc and include/ cuda_runtime.h."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    candidates = ["/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in candidates:
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from cuda_headers import find_cuda_headers, find_cuda_home  # noqa: E402  (shared with the scripts)
 
 
 def want_cuda_build():
@@ -63,7 +53,9 @@ def cuda_extension():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    # --use_fast_math implies -ftz=true; -ftz=false after it keeps subnormals (accept_drafts compares
+    # subnormal logits exactly like torch.argmax).
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-ftz=false", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
     if os.environ.get("TIDAR_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
@@ -75,16 +67,63 @@ def cuda_extension():
     )
 
 
+def want_emulated_build():
+    """(include dirs or None, reason) following TIDAR_BUILD_EMULATED and what this machine has."""
+    forced = os.environ.get("TIDAR_BUILD_EMULATED")
+    if forced == "0":
+        return None, "TIDAR_BUILD_EMULATED=0"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        reason = "torch is not importable at build time"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
+        return None, reason
+    headers = find_cuda_headers()
+    if headers is None:
+        reason = "no CUDA headers (toolkit, or Triton's bundled ones)"
+        if forced == "1":
+            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
+        return None, reason
+    return headers, f"CUDA headers from {headers[0]}"
+
+
+def emulated_extension(headers):
+    """The CUDA kernel sources compiled by the host compiler against csrc/emulation/ (CPU backend)."""
+    from torch.utils.cpp_extension import CppExtension
+
+    sources = [os.path.join("csrc", "emulation", "bindings_emulated.cpp"),
+               os.path.join("csrc", "emulation", "kernels_emulated.cpp"),
+               os.path.join("csrc", "decode_attention_plan.cpp")]
+    # Hidden symbols: the kernels keep the CUDA build's names (tidar::run_decode_attention, ...).
+    # No FMA contraction: the kernels' __fadd_rn/__fmul_rn and the emulated rounding stay exact.
+    flags = ["-O2", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off", "-pthread", "-Wno-unknown-pragmas"]
+    return CppExtension(
+        name="tidar_kernels._C_emulated",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + headers,
+        extra_compile_args={"cxx": flags},
+        extra_link_args=["-pthread"],
+    )
+
+
 build_cuda, reason = want_cuda_build()
+emulated_headers, emulated_reason = want_emulated_build()
 ext_modules, cmdclass = [], {}
 if build_cuda:
-    from torch.utils.cpp_extension import BuildExtension
-
-    ext_modules = [cuda_extension()]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    ext_modules.append(cuda_extension())
     print(f"tidar-kernels: building the CUDA extension ({reason})", flush=True)
 else:
     print(f"tidar-kernels: installing the pure-Python package without the CUDA extension ({reason})", flush=True)
+if emulated_headers is not None:
+    ext_modules.append(emulated_extension(emulated_headers))
+    print(f"tidar-kernels: building the emulated CUDA kernels for the CPU ({emulated_reason})", flush=True)
+else:
+    print(f"tidar-kernels: not building the emulated CUDA kernels ({emulated_reason})", flush=True)
+if ext_modules:
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
     packages=find_packages(include=["tidar_kernels", "tidar_kernels.*"]),

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "ptx.cuh"
 
 namespace tidar {
 namespace accept {
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) argmax_chunk_kernel(const AcceptPara
 }
 
 __global__ void __launch_bounds__(kThreads) accept_kernel(const AcceptParams p) {
-  extern __shared__ int64_t row_target[];  // [k]
+  TIDAR_DYNAMIC_SHARED(int64_t, row_target, 8);  // [k]
   const int b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < p.draft_len; r += kThreads / 32) {
@@ -187,10 +188,10 @@ void launch(const AcceptParams& p, cudaStream_t stream) {
                    aligned(p.block_logits, p.block_stride[0]) && aligned(p.block_logits, p.block_stride[1]) &&
                    (p.chunk * sizeof(T)) % 16 == 0;
   if (vec)
-    argmax_chunk_kernel<T, true><<<grid, kThreads, 0, stream>>>(p);
+    launch_kernel(argmax_chunk_kernel<T, true>, grid, dim3(kThreads), 0, stream, p);
   else
-    argmax_chunk_kernel<T, false><<<grid, kThreads, 0, stream>>>(p);
-  accept_kernel<<<p.batch, kThreads, p.draft_len * sizeof(int64_t), stream>>>(p);
+    launch_kernel(argmax_chunk_kernel<T, false>, grid, dim3(kThreads), 0, stream, p);
+  launch_kernel(accept_kernel, dim3(p.batch), dim3(kThreads), p.draft_len * sizeof(int64_t), stream, p);
 }
 
 }  // namespace accept

@@ -37,6 +37,7 @@
 #include <type_traits>
 
 #include "kernels.h"
+#include "ptx.cuh"
 #include "tidar_mask.h"
 
 namespace tidar {
@@ -72,51 +73,18 @@ struct Element {
 };
 
 // ---------------------------------------------------------------------------
-// PTX wrappers (sm_80+: cp.async, ldmatrix, mma.sync)
+// PTX (sm_80+: cp.async, ldmatrix, mma.sync, ex2.approx) from csrc/ptx.cuh, which
+// also runs them on the CPU (csrc/emulation/) under a host compiler.
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; src_bytes = 0 zero-fills the destination (rows past the end).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// D = A * B + D, A 16x16 (row), B 16x8 (col), fp32 accumulators.
-template <bool kIsBF16>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kIsBF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ex2_approx;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+using ptx::mma_16816;
+using ptx::smem_addr;
 
 // ---------------------------------------------------------------------------
 // Shared-memory tiles: rows of kHeadDim elements padded by 16 bytes so the 8
@@ -164,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   constexpr int kNTiles = kBlockN / 8;     // n8 tiles of the scores
   constexpr float kNegInf = -__builtin_huge_valf();
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TIDAR_DYNAMIC_SHARED(unsigned char, smem_raw, 16);
   T* q_smem = reinterpret_cast<T*>(smem_raw);
   T* k_smem = q_smem + S::kQElems;             // [2 stages][kBlockN][kPitch]
   T* v_smem = k_smem + 2 * S::kTileElems;
@@ -200,11 +168,22 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     key_lo = min(split * chunk, n);
     key_hi = min(key_lo + chunk, n);
   }
-  // Tiles the local split skips: exact classification from the shared mask rule.
+  // Tiles the local split skips: exact classification from the shared mask rule, done once per
+  // CTA up front (one thread per key tile, in parallel) so the key loop reads a byte instead of
+  // re-running classify_tile (a loop over the CTA's tokens with a division each) in every thread.
+  __shared__ uint8_t local_tile_kind[kDecodeMaxLocalTiles];
+  if (local) {  // uniform per CTA
+    for (int t = threadIdx.x; t * kBlockN < key_hi; t += kThreads) {
+      const int first = t * kBlockN;
+      TileKind kind = classify_tile(layout, tok_lo, tok_hi, first, min(first + kBlockN, key_hi));
+      if (kind == TileKind::kFull && first + kBlockN > key_hi) kind = TileKind::kPartial;
+      local_tile_kind[t] = static_cast<uint8_t>(kind);
+    }
+    __syncthreads();
+  }
   auto tile_kind = [&](int first) -> TileKind {
     if (!local) return first + kBlockN <= key_hi ? TileKind::kFull : TileKind::kPartial;
-    const TileKind kind = classify_tile(layout, tok_lo, tok_hi, first, min(first + kBlockN, key_hi));
-    return (kind == TileKind::kFull && first + kBlockN > key_hi) ? TileKind::kPartial : kind;
+    return static_cast<TileKind>(local_tile_kind[first / kBlockN]);  // the local keys start at 0
   };
   auto next_tile = [&](int first) {  // first tile start >= `first` with work, or key_hi
     while (first < key_hi && tile_kind(first) == TileKind::kEmpty) first += kBlockN;
@@ -358,13 +337,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // A row that has seen no key yet keeps max -inf: subtract 0 instead (no inf - inf).
       const float base = mx == kNegInf ? 0.f : mx;
-      scale_old[h] = exp2f(row_max[h] - base);
+      scale_old[h] = ex2_approx(row_max[h] - base);
       row_max[h] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j) {
-        s[j][2 * h] = exp2f(s[j][2 * h] - base);
-        s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - base);
+        s[j][2 * h] = ex2_approx(s[j][2 * h] - base);
+        s[j][2 * h + 1] = ex2_approx(s[j][2 * h + 1] - base);
         sum += s[j][2 * h] + s[j][2 * h + 1];
       }
       row_sum[h] = row_sum[h] * scale_old[h] + sum;
@@ -444,7 +423,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
   for (int s = 0; s < splits; ++s) {
     const float lse = p.lse_partial[s * part_rows + row];
     if (lse == kNegInf) continue;  // empty split: its partial output was never written
-    const float w = exp2f(lse - lse_max);
+    const float w = ex2_approx(lse - lse_max);
     weight_sum += w;
     const float* src = p.out_partial + (s * part_rows + row) * kHeadDim + lane * kPerLane;
     if constexpr (kPerLane == 4) {
@@ -468,10 +447,11 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid((rows + kBlockM - 1) / kBlockM, p.num_splits + 1, p.batch * p.kv_heads);
   constexpr int kSmem = Smem<kHeadDim>::kBytes;
   auto kernel = decode_attention_kernel<kIsBF16, kHeadDim>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  set_max_dynamic_smem(kernel, kSmem);
+  launch_kernel(kernel, grid, dim3(kThreads), kSmem, stream, p);
   const int64_t part_rows = static_cast<int64_t>(p.batch) * p.steps * p.q_heads;
-  combine_kernel<kIsBF16, kHeadDim><<<static_cast<unsigned>((part_rows + 3) / 4), 128, 0, stream>>>(p);
+  launch_kernel(combine_kernel<kIsBF16, kHeadDim>, dim3(static_cast<unsigned>((part_rows + 3) / 4)), dim3(128), 0,
+                stream, p);
 }
 
 }  // namespace decode

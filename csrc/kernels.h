@@ -20,6 +20,9 @@ namespace tidar {
 // ---------------------------------------------------------------------------
 
 // Tiling shared by the kernels and the host planner: decode_attention_plan.h.
+// The step-local split classifies its key tiles once into shared memory: at most this many
+// tiles, so steps = k + k*k <= kDecodeBlockN * kDecodeMaxLocalTiles (k <= 63).
+constexpr int kDecodeMaxLocalTiles = 64;
 
 struct DecodeParams {
   // q [batch, steps, q_heads, head_dim]; k_new / v_new [batch, steps, kv_heads, head_dim];

@@ -138,6 +138,32 @@ def test_ties_go_to_the_lowest_index():
     assert targets.tolist() == [[1, 0]]
 
 
+def subnormal_case():
+    """fp32 logits whose order is decided by subnormals: flushing them to zero (FTZ) changes every target.
+
+    Row 0: the only nonzero is a subnormal at index 3 (FTZ: all zeros, argmax 0). Row 1: two
+    subnormals, 2e-45 at 1 and 3e-45 at 5 (FTZ: tie at 0). Row 2: beta * a is subnormal while a is
+    normal (beta = 0.5 halves 2^-126 to 2^-127). Drafts match the exact targets, so FTZ also
+    changes the accepted count.
+    """
+    tiny = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal
+    a = torch.zeros(1, 3, VOCAB)
+    a[0, 0, 3] = tiny / 4
+    a[0, 1, 1], a[0, 1, 5] = 2e-45, 3e-45
+    a[0, 2, 6] = tiny
+    b = torch.zeros_like(a)
+    b[0, 2, 2] = -tiny / 8  # a negative subnormal: FTZ would make it a zero tying index 0
+    return a, b
+
+
+def test_subnormal_logits_compare_exactly():
+    a, b = subnormal_case()
+    assert a[0, 0, 3] != 0 and a[0, 1, 1] != 0  # the values really are subnormal, not flushed
+    accepted, targets, lengths = accept([[0, 3, 5]], a, b, [4], beta=0.5)
+    assert targets.tolist() == [[3, 5, 6]]
+    assert accepted.tolist() == [3] and lengths.tolist() == [7]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_low_precision_logits(dtype):
     a = peaked(2, 5, 1)[None].to(dtype)
@@ -235,6 +261,15 @@ def test_cuda_nan_wins_like_torch_argmax():
     a[1, 2, 7] = float("nan")
     a[1, 2, 8000] = float("nan")
     check_against_twin(op, drafts, a, b, lengths, 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_subnormal_logits_compare_exactly():
+    """Built with -ftz=false: subnormal fp32 logits order exactly as in torch.argmax."""
+    op = _cuda_op()
+    a, b = (t.cuda() for t in subnormal_case())
+    drafts = torch.tensor([[0, 3, 5]], device="cuda")
+    check_against_twin(op, drafts, a, b, torch.tensor([4], dtype=torch.int32, device="cuda"), 0.5)
 
 
 @pytest.mark.gpu

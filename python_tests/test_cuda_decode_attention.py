@@ -70,6 +70,34 @@ def test_cuda_backend_declines_what_it_does_not_implement():
 
 
 @needs_extension_build
+def test_backend_answers_from_the_archs_compiled_in():
+    """SASS for sm_XY runs on X.Z with Z >= Y only; 9.0 (sm_90a) only on 9.0; no list, no GPU."""
+    from tidar_kernels.backends.cuda_ops import kernels_run_on
+
+    assert kernels_run_on("800,900", (8, 0)) and kernels_run_on("800,900", (8, 6))
+    assert kernels_run_on("800,900", (9, 0))
+    for capability in [(7, 5), (10, 0), (12, 0)]:
+        assert not kernels_run_on("800,900", capability), capability
+    assert not kernels_run_on("900", (8, 0)) and not kernels_run_on("860", (8, 0))
+    assert not kernels_run_on("unknown", (9, 0))
+
+
+@needs_extension_build
+def test_fp64_block_logits_fall_back_to_another_backend(monkeypatch):
+    """accept_drafts' Call carries the dtype the logits are compared in: fp64 is declined before any launch."""
+    seen = []
+    select = backends.select
+    monkeypatch.setattr(backends, "select", lambda call, requested: seen.append(call) or select(call, requested))
+    logits = torch.zeros(1, 2, 5)
+    logits[0, :, 3] = 1.0
+    lengths = torch.zeros(1, dtype=torch.int32)
+    accepted, _ = tk.accept_drafts(torch.tensor([[0, 3]]), logits.half(), logits.double(), lengths, beta=0.5)
+    assert accepted.tolist() == [2] and lengths.tolist() == [2]
+    assert seen[0].dtype == torch.float64
+    assert not backends.load("cuda").supports(seen[0]._replace(device=torch.device("cuda", 0)))
+
+
+@needs_extension_build
 def test_fake_kernels_give_output_shapes():
     import tidar_kernels.backends.cuda_ops  # noqa: F401  (registers the fake kernels)
 
@@ -182,7 +210,9 @@ def test_cuda_backend_supports_decode_on_this_gpu():
         pytest.skip("the extension ships sm_80 and sm_90a kernels only")
     assert cuda.supports(call) and cuda.supports(call._replace(dtype=torch.float16, head_dim=64))
     assert cuda.supports(Call(backends.ACCEPT_DRAFTS, torch.device("cuda"), torch.float32, 0, DECODE))
-    assert backends.select(call, None).name == "cuda"
+    # Opt-in backend (automatic_on=()): named, it is used; unnamed, the GPU default stays another one.
+    assert backends.select(call, "cuda").name == "cuda"
+    assert backends.select(call, None).name != "cuda"
 
 
 @pytest.mark.gpu
@@ -288,6 +318,9 @@ def test_bad_input_raises_before_any_write():
     call(5, lengths.long(), "cache_seqlens must be a contiguous int32")
     call(3, k_cache[:, :, :1], "k_cache must be")
     call(2, v_new.cpu(), "v_new must be a CUDA tensor")
+    call(3, k_cache[:, :1].expand_as(k_cache), "k_cache must not overlap itself")
+    call(4, k_cache, "k_cache and v_cache must not overlap in memory")
+    call(0, q[:, :, :0], "q must have at least one head")
     odd = torch.randn(2, k + k * k, 4, 96, device="cuda", dtype=torch.float16)
     bad = [odd, odd[:, :, :2], odd[:, :, :2], torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16),
            torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16), lengths, None, DECODE, k, 0.125]

@@ -26,7 +26,7 @@ demangle() { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }
 printf '%-7s %5s %6s %7s %7s  %s\n' arch regs stack spill_st spill_ld kernel
 for f in "${files[@]}"; do
   log="$tmp/$(basename "$f").log"
-  "$NVCC" -O3 -std=c++17 --use_fast_math -lineinfo --expt-relaxed-constexpr "${gencode[@]}" -Xptxas=-v \
+  "$NVCC" -O3 -std=c++17 --use_fast_math -ftz=false -lineinfo --expt-relaxed-constexpr "${gencode[@]}" -Xptxas=-v \
     -Icsrc -c "$f" -o "$tmp/out.o" >"$log" 2>&1 || { cat "$log"; echo "FAILED to compile $f"; exit 1; }
   # ptxas prints, per entry: "Compiling entry function 'NAME' for 'sm_XX'", then
   # "N bytes stack frame, S bytes spill stores, L bytes spill loads", then "Used R registers".

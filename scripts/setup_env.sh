@@ -35,5 +35,5 @@ fi
 mkdir -p build
 python -m pip install -v --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
   || { tail -50 build/pip-install.log >&2; exit 1; }
-grep -h "tidar-kernels:" build/pip-install.log | head -1
+grep -h "tidar-kernels:" build/pip-install.log | head -2
 python -c "import tidar_kernels" || { echo "tidar_kernels failed to import" >&2; exit 1; }

@@ -23,9 +23,21 @@ fi
 # matmuls not on wgmma. No GPU needed.
 python scripts/triton_codegen_report.py --json build/triton_codegen_report.jsonl
 
-cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  "-DTIDAR_CUDA_INCLUDE_DIRS=$(python scripts/cuda_headers.py || true)" >/dev/null  # emulated-primitive CTest
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
+
+# --- The CUDA kernels on the CPU (issue 11): the emulated build, sanitizers, mutations -------
+# (pytest below also runs python_tests/test_cuda_emulated.py against the cuda_emulated backend)
+if python scripts/cuda_headers.py >/dev/null; then
+  python -c "import tidar_kernels._C_emulated" \
+    || { echo "the emulated CUDA kernels did not build although CUDA headers exist" >&2; exit 1; }
+  bash scripts/emulated_sanitizers.sh csrc build/sanitizers asan          # ASan+UBSan, full case matrix
+  bash scripts/emulated_sanitizers.sh csrc build/sanitizers tsan --quick  # TSan, the quick matrix
+  CHECK_CLEAN=0 bash scripts/emulator_mutations.sh  # each injected kernel fault must be caught
+fi
+# ---------------------------------------------------------------------------------------------
 
 # Triton kernels run on the CPU through the interpreter (fp32/fp16 only there).
 export TRITON_INTERPRET=1

@@ -180,7 +180,9 @@ def accept_drafts(drafts: torch.Tensor, draft_logits: torch.Tensor, block_logits
         raise ValueError(f"active must be bool [batch={batch}] or None, got {active.dtype} {tuple(active.shape)}")
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    call = Call(backends.ACCEPT_DRAFTS, drafts.device, draft_logits.dtype, 0, int(Layout.DECODE))
+    # The dtype the two logits are compared in: a backend that cannot take it (fp64) declines.
+    dtype = torch.promote_types(draft_logits.dtype, block_logits.dtype)
+    call = Call(backends.ACCEPT_DRAFTS, drafts.device, dtype, 0, int(Layout.DECODE))
     chosen = backends.select(call, backend)
     return chosen.accept_drafts(drafts, draft_logits, block_logits, cache_seqlens, active, float(beta))
 

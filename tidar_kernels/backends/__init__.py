@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-PREFERENCE = ("cuda", "triton", "reference")
+PREFERENCE = ("cuda", "triton", "reference", "cuda_emulated")  # cuda_emulated: only when named
 ENV_VAR = "TIDAR_BACKEND"
 
 # op names a backend may implement
@@ -76,7 +76,8 @@ def register_attention_autograd(forward_op, backward_op) -> None:
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-_MODULES = {"reference": ".reference_ops", "triton": ".triton_ops", "cuda": ".cuda_ops"}
+_MODULES = {"reference": ".reference_ops", "triton": ".triton_ops", "cuda": ".cuda_ops",
+            "cuda_emulated": ".cuda_emulated_ops"}
 
 
 def _import(name: str) -> Optional[Backend]:

@@ -33,11 +33,30 @@ def _(drafts, draft_logits, block_logits, cache_seqlens, active, beta):
     return cache_seqlens.new_empty(cache_seqlens.shape), drafts.new_empty(drafts.shape)
 
 
+def kernels_run_on(archs: str, capability: tuple[int, int]) -> bool:
+    """Whether machine code compiled for ``archs`` (nvcc's list, e.g. ``"800,900"``) runs on ``capability``.
+
+    The extension embeds SASS only (``code=sm_XY``, no PTX to JIT), and SASS for sm_XY runs on
+    compute capability X.Z with Z >= Y, never on another major. Arch-specific targets (sm_90a)
+    run only on their exact capability; the list does not show the suffix, so from major 9 on an
+    entry counts for its exact capability only. ``"unknown"`` (no list) answers no.
+    """
+    major, minor = capability
+    for item in archs.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            continue
+        value = int(item)
+        built_major, built_minor = value // 100, value % 100 // 10
+        if built_major == major and (minor == built_minor or (built_major < 9 and minor > built_minor)):
+            return True
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _has_kernels_for(device_index: int) -> bool:
-    """The extension ships sm_80 (runs on every 8.x GPU) and sm_90a machine code, no PTX."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return major == 8 or (major, minor) == (9, 0)
+    """Whether the archs compiled into this extension run on that GPU (else the backend declines)."""
+    return kernels_run_on(_C.compiled_archs(), torch.cuda.get_device_capability(device_index))
 
 
 def _supports(call: Call) -> bool:
