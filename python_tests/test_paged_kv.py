@@ -200,6 +200,12 @@ def test_which_backends_take_paged_calls():
         assert not cuda.supports(gpu_call)
         with pytest.raises(ValueError, match="paged True"):
             backends.select(gpu_call, "cuda")
+    emulated = backends.load("cuda_emulated")
+    if emulated is not None:  # the same kernels on the CPU decline the same calls
+        cpu_call = call._replace(dtype=torch.float16, head_dim=128)
+        assert emulated.supports(cpu_call._replace(paged=False)) and not emulated.supports(cpu_call)
+        with pytest.raises(ValueError, match="paged True"):
+            backends.select(cpu_call, "cuda_emulated")
 
 
 # ----------------------------------------------------------------------------

@@ -15,33 +15,15 @@ from __future__ import annotations
 import torch
 
 from .. import _C_emulated  # noqa: F401  (ImportError without the extension: backend unavailable)
-from ..mask import Layout
-from . import ACCEPT_DRAFTS, CACHED_ATTENTION, Backend, Call
+from . import Backend, Call
+from .cuda_kernels import kernels_support, register_fakes
 
-ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (64, 128)
-
-
-@torch.library.register_fake("tidar::cached_attention_cuda_emulated")
-def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale):
-    return q.new_empty(q.shape)  # contiguous, like the kernel's output
-
-
-@torch.library.register_fake("tidar::accept_drafts_cuda_emulated")
-def _(drafts, draft_logits, block_logits, cache_seqlens, active, beta):
-    return cache_seqlens.new_empty(cache_seqlens.shape), drafts.new_empty(drafts.shape)
+register_fakes("cuda_emulated")
 
 
 def _supports(call: Call) -> bool:
     """What the CUDA backend supports, on CPU tensors."""
-    if call.device.type != "cpu":
-        return False
-    if call.op == CACHED_ATTENTION:
-        return call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS and call.layout == int(Layout.DECODE)
-    if call.op == ACCEPT_DRAFTS:
-        return call.dtype in LOGITS_DTYPES
-    return False
+    return call.device.type == "cpu" and kernels_support(call)
 
 
 BACKEND = Backend(

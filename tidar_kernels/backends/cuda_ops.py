@@ -15,22 +15,10 @@ import functools
 import torch
 
 from .. import _C  # noqa: F401  (ImportError without the extension: backend unavailable)
-from ..mask import Layout
-from . import ACCEPT_DRAFTS, CACHED_ATTENTION, Backend, Call
+from . import Backend, Call
+from .cuda_kernels import kernels_support, register_fakes
 
-ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (64, 128)
-
-
-@torch.library.register_fake("tidar::cached_attention_cuda")
-def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale):
-    return q.new_empty(q.shape)  # contiguous, like the kernel's output
-
-
-@torch.library.register_fake("tidar::accept_drafts_cuda")
-def _(drafts, draft_logits, block_logits, cache_seqlens, active, beta):
-    return cache_seqlens.new_empty(cache_seqlens.shape), drafts.new_empty(drafts.shape)
+register_fakes("cuda")
 
 
 def kernels_run_on(archs: str, capability: tuple[int, int]) -> bool:
@@ -60,19 +48,10 @@ def _has_kernels_for(device_index: int) -> bool:
 
 
 def _supports(call: Call) -> bool:
-    # Paged caches (block_table): not supported, the kernel addresses a contiguous
-    # [batch, max_len] cache only; selection falls back to Triton or the reference.
-    if call.device.type != "cuda" or call.paged:
+    if call.device.type != "cuda" or not kernels_support(call):
         return False
-    if call.op == CACHED_ATTENTION:
-        ok = (call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS
-              and call.layout == int(Layout.DECODE))
-    elif call.op == ACCEPT_DRAFTS:
-        ok = call.dtype in LOGITS_DTYPES
-    else:
-        ok = False
     index = call.device.index if call.device.index is not None else torch.cuda.current_device()
-    return ok and _has_kernels_for(index)
+    return _has_kernels_for(index)
 
 
 def compiled_archs() -> str:
