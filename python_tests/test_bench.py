@@ -47,7 +47,7 @@ def test_smoke_run_writes_labelled_results(script, extra, outputs, tmp_path, res
     assert rows
     if script is attention:
         checked = [row for row in rows if row["refcheck"]]
-        assert checked and not [row for row in checked if row["refcheck"] == "FAIL"]
+        assert checked and all(row["refcheck"] == "pass" or row["refcheck"].startswith("n/a") for row in checked)
 
 
 @pytest.mark.parametrize("script", [attention, token_slots], ids=["attention", "token_slots"])
