@@ -456,12 +456,13 @@ def shapes(args) -> list[Shape]:
     """Most telling first, so a run cut by ``--max-seconds`` keeps them: decode at the first
     batch (batch 1 by default), then training, then decode at the other batches."""
     heads = SMOKE_HEADS if args.smoke else {name: HEADS[name] for name in args.models}
+    train_heads = SMOKE_HEADS if args.smoke else {name: HEADS[name] for name in args.train_models or args.models}
     decode = {batch: [Shape("decode", model, hq, hkv, d, batch, cache_len=n, draft_len=k)
                       for model, (hq, hkv, d) in heads.items() for k in args.draft_lens for n in args.cache_lens]
               for batch in args.batches} if "decode" in args.modes else {}
     training = [Shape(mode, model, hq, hkv, d, args.train_batch, seq_len=t, block=block)
                 for mode in ("train-fwd", "train-fwdbwd") if mode in args.modes
-                for model, (hq, hkv, d) in heads.items() for t in args.seq_lens for block in args.blocks]
+                for model, (hq, hkv, d) in train_heads.items() for t in args.seq_lens for block in args.blocks]
     batches = list(decode)
     first = decode[batches[0]] if batches else []
     return first + training + [shape for batch in batches[1:] for shape in decode[batch]]
@@ -543,6 +544,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["decode", "train-fwd", "train-fwdbwd"])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(HEADS),
                         help=f"head configurations, from {list(HEADS)}")
+    parser.add_argument("--train-models", type=lambda s: s.split(","), default=None,
+                        help="head configurations of the training shapes (default: --models)")
     parser.add_argument("--batches", type=common.parse_int_list, default=[1, 4, 16])
     parser.add_argument("--draft-lens", type=common.parse_int_list, default=[4, 8, 16])
     parser.add_argument("--cache-lens", type=common.parse_int_list, default=[1024, 4096, 16384, 32768])
@@ -556,9 +559,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.smoke:
         args.batches, args.draft_lens, args.cache_lens = [1, 2], [2, 3], [5, 37]
         args.seq_lens, args.blocks, args.train_batch = [24], [4], 1
-    unknown = [m for m in args.models if m not in HEADS]
+    unknown = [m for m in args.models + (args.train_models or []) if m not in HEADS]
     if unknown:
-        parser.error(f"--models must be from {list(HEADS)}, got {unknown}")
+        parser.error(f"--models and --train-models must be from {list(HEADS)}, got {unknown}")
     bad_modes = [m for m in args.modes if m not in ("decode", "train-fwd", "train-fwdbwd")]
     if bad_modes:
         parser.error(f"--modes must be from decode, train-fwd, train-fwdbwd; got {bad_modes}")
