@@ -107,13 +107,16 @@ def attention_bounds(q, k, v, allowed, scale: float, dtype: Optional[torch.dtype
     qf, kf, vf = (t.detach().double() for t in (q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)))
     allowed = allowed.to(q.device).expand(batch, q_heads, rows, kf.shape[1])
 
-    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf).mul(scale).masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, -1, keepdim=True)
-    probs = torch.exp(scores - lse).nan_to_num(0.0)  # a row seeing no key: no probability, no error
-    abs_scores = torch.einsum("bqhd,bkhd->bhqk", qf.abs(), kf.abs()).mul(abs(scale)).masked_fill(~allowed, 0.0)
+    # In place where possible: these are [B, Hq, Tq, Tk] fp64 tensors (GPU tests at model sizes).
+    masked_out = ~allowed
+    probs = torch.einsum("bqhd,bkhd->bhqk", qf, kf).mul_(scale).masked_fill_(masked_out, float("-inf"))
+    lse = torch.logsumexp(probs, -1, keepdim=True)
+    probs = probs.sub_(lse).exp_().nan_to_num_(0.0)  # a row seeing no key: no probability, no error
     keys_seen = allowed.sum(-1, keepdim=True).clamp(min=1).double()  # K per row, [B, Hq, Tq, 1]
-    exponent = abs_scores + abs_scores.amax(-1, keepdim=True) + keys_seen.log() + 1
-    rho = gamma(head_dim + 5, dtype) * exponent + gamma(keys_seen + 1, dtype)  # relative error of P
+    rho = torch.einsum("bqhd,bkhd->bhqk", qf.abs(), kf.abs()).mul_(abs(scale)).masked_fill_(masked_out, 0.0)  # Sa
+    del masked_out
+    rho.add_(rho.amax(-1, keepdim=True) + keys_seen.log() + 1)  # Sa_j + m + log K + 1
+    rho.mul_(gamma(head_dim + 5, dtype)).add_(gamma(keys_seen + 1, dtype))  # relative error of P
 
     def rows_first(x):  # [B, Hq, Tq, 1|D] -> [B, Tq, Hq, 1|D]
         return x.transpose(1, 2)
@@ -132,12 +135,11 @@ def attention_bounds(q, k, v, allowed, scale: float, dtype: Optional[torch.dtype
     delta = (dof * out).sum(-1, keepdim=True)  # [B, Tq, Hq, 1]
     delta_error = gamma(head_dim, dtype) * (dof.abs() * out.abs()).sum(-1, keepdim=True) + \
         (dof.abs() * out_error).sum(-1, keepdim=True)
-    dprobs = torch.einsum("bqhd,bkhd->bhqk", dof, vf)
-    abs_dprobs = torch.einsum("bqhd,bkhd->bhqk", dof.abs(), vf.abs())
-    centered = (dprobs - rows_first(delta)).abs()
-    dscores = probs * (dprobs - rows_first(delta))
-    dscores_error = probs * ((rho + gamma(2, dtype)) * centered + gamma(head_dim, dtype) * abs_dprobs
-                             + rows_first(delta_error))
+    dscores = torch.einsum("bqhd,bkhd->bhqk", dof, vf).sub_(rows_first(delta))  # dP - delta, then dS
+    dscores_error = torch.einsum("bqhd,bkhd->bhqk", dof.abs(), vf.abs()).mul_(gamma(head_dim, dtype))
+    dscores_error.add_(rows_first(delta_error)).addcmul_(rho.add_(gamma(2, dtype)), dscores.abs()).mul_(probs)
+    del rho
+    dscores.mul_(probs)
 
     def per_kv_head(x):  # [B, Tk, Hq, D] -> [B, Tk, Hkv, D]: the GQA group sum (of magnitudes)
         return x.reshape(batch, x.shape[1], kv_heads, group, head_dim).sum(3)
