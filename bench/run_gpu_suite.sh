@@ -244,7 +244,11 @@ run_stage() {  # run_stage NAME [--quiet]: run the stage within its limit, log i
 
 finish() {  # always: stop what still runs, pack OUT_ROOT, say what happened
   trap - EXIT INT TERM
-  if [ -n "$BUILD_PID" ] && kill -0 "$BUILD_PID" 2>/dev/null; then kill "$BUILD_PID" 2>/dev/null; wait "$BUILD_PID"; fi
+  if [ -n "$BUILD_PID" ] && kill -0 "$BUILD_PID" 2>/dev/null; then  # the build's `timeout`, then its shell
+    pkill -TERM -P "$BUILD_PID" 2>/dev/null
+    kill "$BUILD_PID" 2>/dev/null
+    wait "$BUILD_PID"
+  fi
   tar -czf "$OUT_ROOT.tar.gz" -C "$OUT_ROOT" .
   echo "suite ($MODE) done in $((SECONDS - SUITE_START)) s; archive: $OUT_ROOT.tar.gz"
   cat "$STATUS_FILE"
