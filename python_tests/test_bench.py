@@ -219,6 +219,7 @@ def test_gpu_suite_quick_mode_runs_every_gpu_test_function():
     import json
     import os
     import subprocess
+    import textwrap
     _, quick = dry_run("quick")
     _, full = dry_run("full")
     ids = [arg for name in ("tests-triton", "tests-cuda") for arg in quick[name][1] if "::" in arg]
@@ -230,17 +231,18 @@ def test_gpu_suite_quick_mode_runs_every_gpu_test_function():
 
     # One collection of those files (TRITON_INTERPRET=1: the Triton module collects on the CPU),
     # recording each test id and whether it is gpu-marked.
-    collector = ("import json, sys, pytest\n"
-                 "class Record:\n"
-                 "    items = {}\n"
-                 "    def pytest_collection_finish(self, session):\n"
-                 "        self.items.update({i.nodeid: i.get_closest_marker('gpu') is not None for i in session.items})\n"
-                 "record = Record()\n"
-                 "code = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider'] + sys.argv[1:], plugins=[record])\n"
-                 "print('COLLECTED', json.dumps(record.items))\n"
-                 "sys.exit(code)\n")
+    collector = textwrap.dedent("""
+        import json, sys, pytest
+        class Record:
+            items = {}
+            def pytest_collection_finish(self, session):
+                self.items.update({i.nodeid: i.get_closest_marker("gpu") is not None for i in session.items})
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider"] + sys.argv[1:], plugins=[Record()])
+        print("COLLECTED", json.dumps(Record.items))
+        sys.exit(code)
+    """)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(["python", "-c", collector] + gpu_files, cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", collector] + gpu_files, cwd=ROOT, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     collected = json.loads(result.stdout.split("COLLECTED ", 1)[1])
