@@ -64,7 +64,6 @@ for s in "${STAGES[@]}"; do
     *) echo "unknown stage '$s' (expected full, quick or stages from: ${ALL_STAGES[*]})" >&2; usage ;;
   esac
 done
-wants() { case " ${STAGES[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
