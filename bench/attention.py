@@ -51,10 +51,10 @@ Metrics (``D`` head dim, ``Hq``/``Hkv`` heads, ``B`` batch, ``e`` bytes per elem
   GPUs: columns left out with a note); ``of_limit`` = ``limit_ms / ms``.
 
 ``--refcheck`` compares every implementation's forward output on the first
-decode and the first training-forward shape with the reference backend (fp32
-math) and passes it when its error is at most twice that of PyTorch doing the
-same masked attention in the input dtype (flash-attention's rule) plus 8 ulps
-of the output's scale. Gradients are left to the kernels' test suites.
+decode and the first training-forward shape with masked attention in fp64 by
+the kernels' tolerance rule (:mod:`tidar_kernels.testing`): at most twice the
+error of PyTorch doing the same math in the input dtype plus attention's
+forward-error bound. Gradients are left to the kernels' test suites.
 
 Reproduce (GPU): ``python bench/attention.py --refcheck``; CPU check: ``--smoke``.
 """
@@ -80,6 +80,7 @@ from bench import common
 from tidar_kernels import backends as tk_backends
 from tidar_kernels.backends import reference as tk_reference
 from tidar_kernels.mask import Layout, decode_mask, key_ranges, local_mask, training_mask
+from tidar_kernels.testing import attention_bounds, rule_error
 
 HEADS = {  # model -> (q heads, kv heads, head dim)
     "qwen2.5-1.5b": (12, 2, 128),
@@ -444,25 +445,22 @@ def _flashinfer(shape: Shape, inputs: dict, dense: torch.Tensor, device: torch.d
 # ----------------------------------------------------------------------------
 
 
-def reference_outputs(shape: Shape, inputs: dict) -> tuple[torch.Tensor, float]:
-    """The reference backend's output (fp32 math) and the error PyTorch makes in the input dtype."""
+def reference_outputs(shape: Shape, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked attention in fp64 and in the input dtype, and its forward-error bound (the rule's three inputs)."""
     if shape.mode == "decode":
-        reference = tk.decode_attention(inputs["q"], inputs["k_new"], inputs["v_new"], inputs["k_cache"].clone(),
-                                        inputs["v_cache"].clone(), inputs["lengths"], shape.draft_len,
-                                        backend="reference")
         q, keys, values = inputs["q"], inputs["keys"].transpose(1, 2), inputs["values"].transpose(1, 2)
     else:
         q, keys, values = (inputs[name].detach() for name in ("q", "k", "v"))
-        reference = tk.training_attention(q, keys, values, shape.block, backend="reference")
     scale = shape.head_dim ** -0.5
-    low, _ = tk_reference.masked_attention(q, keys, values, inputs["dense"], scale, dtype=q.dtype)
-    return reference.float(), float((low.float() - reference.float()).abs().max())
+    exact, low = (tk_reference.masked_attention(q, keys, values, inputs["dense"], scale, dtype=dtype)[0]
+                  for dtype in (torch.float64, q.dtype))
+    return exact, low, attention_bounds(q, keys, values, inputs["dense"], scale, q.dtype)["out"]
 
 
 def refcheck(shape: Shape, impls: list[Impl], inputs: dict) -> dict[str, dict]:
-    """Per implementation: ``max_err`` against the reference and ``refcheck`` pass/FAIL (causal: n/a)."""
-    reference, baseline = reference_outputs(shape, inputs)
-    tolerance = 2 * baseline + 8 * torch.finfo(inputs["q"].dtype).eps * float(reference.abs().max())
+    """Per implementation: ``max_err`` against fp64 math, the rule's verdict ``refcheck`` pass/FAIL
+    (causal: n/a) and ``ref_allowed``, the allowed error where the rule is tightest."""
+    exact, low, bound = reference_outputs(shape, inputs)
     results = {}
     for impl in impls:
         if impl.causal:
@@ -470,12 +468,13 @@ def refcheck(shape: Shape, impls: list[Impl], inputs: dict) -> dict[str, dict]:
             continue
         try:
             with torch.no_grad():
-                err = float((impl.output().float() - reference).abs().max())
+                output = impl.output()
+            error, allowed = rule_error(output, exact, low, bound)
         except Exception as error:  # recorded in the row by measure(); not a pass
             results[impl.name] = {"refcheck": f"error: {type(error).__name__}"}
             continue
-        results[impl.name] = {"max_err": err, "refcheck": "pass" if err <= tolerance else "FAIL",
-                              "ref_tolerance": tolerance}
+        results[impl.name] = {"max_err": float((output.double() - exact).abs().max()),
+                              "refcheck": "pass" if error <= allowed else "FAIL", "ref_allowed": allowed}
     return results
 
 
@@ -488,12 +487,13 @@ def shapes(args) -> list[Shape]:
     """Most telling first, so a run cut by ``--max-seconds`` keeps them: decode at the first
     batch (batch 1 by default), then training, then decode at the other batches."""
     heads = SMOKE_HEADS if args.smoke else {name: HEADS[name] for name in args.models}
+    train_heads = SMOKE_HEADS if args.smoke else {name: HEADS[name] for name in args.train_models or args.models}
     decode = {batch: [Shape("decode", model, hq, hkv, d, batch, cache_len=n, draft_len=k)
                       for model, (hq, hkv, d) in heads.items() for k in args.draft_lens for n in args.cache_lens]
               for batch in args.batches} if "decode" in args.modes else {}
     training = [Shape(mode, model, hq, hkv, d, args.train_batch, seq_len=t, block=block)
                 for mode in ("train-fwd", "train-fwdbwd") if mode in args.modes
-                for model, (hq, hkv, d) in heads.items() for t in args.seq_lens for block in args.blocks]
+                for model, (hq, hkv, d) in train_heads.items() for t in args.seq_lens for block in args.blocks]
     batches = list(decode)
     first = decode[batches[0]] if batches else []
     return first + training + [shape for batch in batches[1:] for shape in decode[batch]]
@@ -577,6 +577,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["decode", "train-fwd", "train-fwdbwd"])
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(HEADS),
                         help=f"head configurations, from {list(HEADS)}")
+    parser.add_argument("--train-models", type=lambda s: s.split(","), default=None,
+                        help="head configurations of the training shapes (default: --models)")
     parser.add_argument("--batches", type=common.parse_int_list, default=[1, 4, 16])
     parser.add_argument("--draft-lens", type=common.parse_int_list, default=[4, 8, 16])
     parser.add_argument("--cache-lens", type=common.parse_int_list, default=[1024, 4096, 16384, 32768])
@@ -590,9 +592,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.smoke:
         args.batches, args.draft_lens, args.cache_lens = [1, 2], [2, 3], [5, 37]
         args.seq_lens, args.blocks, args.train_batch = [24], [4], 1
-    unknown = [m for m in args.models if m not in HEADS]
+    unknown = [m for m in args.models + (args.train_models or []) if m not in HEADS]
     if unknown:
-        parser.error(f"--models must be from {list(HEADS)}, got {unknown}")
+        parser.error(f"--models and --train-models must be from {list(HEADS)}, got {unknown}")
     bad_modes = [m for m in args.modes if m not in ("decode", "train-fwd", "train-fwdbwd")]
     if bad_modes:
         parser.error(f"--modes must be from decode, train-fwd, train-fwdbwd; got {bad_modes}")

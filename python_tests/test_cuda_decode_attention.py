@@ -18,7 +18,7 @@ import tidar_kernels as tk
 from tidar_kernels import backends
 from tidar_kernels.backends import Call, reference
 from tidar_kernels.mask import Layout
-from tidar_kernels.testing import assert_close_by_rule
+from tidar_kernels.testing import assert_close_by_rule, attention_bounds
 
 DECODE = int(Layout.DECODE)
 
@@ -143,24 +143,25 @@ def make_step(batch, k, heads, head_dim, max_len, lengths, dtype, seed=0):
 
 
 def references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale):
-    """(fp64 output, the same math by PyTorch in q's dtype) from the reference's mask and math."""
+    """(fp64 output, the same math by PyTorch in q's dtype, attention's forward-error bound)
+    from the reference's mask and math."""
     steps, max_len = q.shape[1], k_cache.shape[1]
     allowed = reference.cached_mask(Layout.DECODE, cache_seqlens, max_len, steps, k, k, None)
     keys = torch.cat([k_cache, k_new], dim=1)
     values = torch.cat([v_cache, v_new], dim=1)
     hi, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=torch.float64)
     lo, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=q.dtype)
-    return hi, lo
+    return hi, lo, attention_bounds(q, keys, values, allowed, scale)["out"]
 
 
 def check_step(op, q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale=None):
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    hi, lo = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
+    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     out = op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, DECODE, k, scale)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_close_by_rule(out, hi, lo, name="decode attention output")
+    assert_close_by_rule(out, hi, lo, bound, name="decode attention output")
     check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k)
 
 
@@ -233,9 +234,9 @@ def test_strided_inputs_and_custom_scale():
 def test_public_api_uses_cuda_backend():
     _op()
     q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 3, (8, 2), 64, 50, [20, 30], torch.float16)
-    hi, lo = references(q, k_new, v_new, k_cache, v_cache, lengths, 3, 64 ** -0.5)
+    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, lengths, 3, 64 ** -0.5)
     out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, 3, backend="cuda")
-    assert_close_by_rule(out, hi, lo)
+    assert_close_by_rule(out, hi, lo, bound)
 
 
 @pytest.mark.gpu
@@ -276,13 +277,13 @@ def test_cuda_graph_replay_with_commit_over_many_steps():
         mixed = (0.5 * draft_logits.float() + 0.5 * block_logits.float()).argmax(-1)
         drafts.copy_(torch.randint(0, vocab, drafts.shape, generator=gen, device="cuda"))
         drafts[:, 1:k - 1] = mixed[:, :k - 2]  # accept about k - 1 drafts
-        hi, lo = references(q, k_new, v_new, k_cache, v_cache, lengths, k, dim ** -0.5)
+        hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, lengths, k, dim ** -0.5)
         k_before, v_before, n_before = k_cache.clone(), v_cache.clone(), lengths.clone()
         want_acc, want_targets = reference.accept_drafts(drafts, draft_logits, block_logits,
                                                          n_before.clone(), None, 0.5)
         graph.replay()
         torch.cuda.synchronize()
-        assert_close_by_rule(out, hi, lo, name=f"step {it} output")
+        assert_close_by_rule(out, hi, lo, bound, name=f"step {it} output")
         check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, n_before, k)
         assert torch.equal(accepted, want_acc) and torch.equal(targets, want_targets), f"step {it}"
         assert torch.equal(lengths, n_before + want_acc), f"step {it}"

@@ -1,5 +1,9 @@
 """The PyTorch reference ops against SDPA with the dense mask, their cache writes,
-torch.library registration (opcheck, torch.compile) and backend selection."""
+torch.library registration (opcheck, torch.compile) and backend selection.
+
+Accuracy uses the one tolerance rule (tidar_kernels/testing.py) with SDPA as the
+independent ground truth: SDPA in fp64 is ``reference_hi``, SDPA in the input dtype
+``reference_lo``, and the bound is attention's forward-error bound."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,22 +11,25 @@ import torch.nn.functional as F
 import tidar_kernels as tk
 from tidar_kernels import backends
 from tidar_kernels.backends import reference
+from tidar_kernels.testing import assert_close_by_rule, attention_bounds
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 GQA = [pytest.param((4, 4), id="mha"), pytest.param((6, 2), id="gqa3"), pytest.param((8, 1), id="mqa")]
 
 
-def sdpa(q, k, v, allowed, scale=None):
-    """SDPA on [B, T, H, D] with GQA expanded and a dense bool mask [B|1, 1, Tq, Tk], in fp32."""
-    qh = q.float().transpose(1, 2)
-    kh = reference.expand_kv_heads(k, q.shape[2]).float().transpose(1, 2)
-    vh = reference.expand_kv_heads(v, q.shape[2]).float().transpose(1, 2)
+def sdpa(q, k, v, allowed, scale=None, dtype=torch.float64):
+    """SDPA on [B, T, H, D] with GQA expanded and a dense bool mask [B|1, 1, Tq, Tk] or [Tq, Tk], in ``dtype``."""
+    qh = q.to(dtype).transpose(1, 2)
+    kh = reference.expand_kv_heads(k, q.shape[2]).to(dtype).transpose(1, 2)
+    vh = reference.expand_kv_heads(v, q.shape[2]).to(dtype).transpose(1, 2)
     return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale).transpose(1, 2)
 
 
-def tolerance(dtype):
-    # Both sides compute in fp32 from the same low-precision inputs; the output cast adds one rounding.
-    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+def assert_matches_sdpa(out, q, k, v, allowed, scale=None):
+    """``out`` against SDPA by the tolerance rule (fp64 SDPA, SDPA in out's dtype, attention's bound)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bound = attention_bounds(q, k, v, allowed, scale, out.dtype)["out"]
+    assert_close_by_rule(out, sdpa(q, k, v, allowed, scale), sdpa(q, k, v, allowed, scale, out.dtype), bound)
 
 
 def qkv(batch, rows, heads, dtype, head_dim=24):
@@ -38,17 +45,15 @@ def qkv(batch, rows, heads, dtype, head_dim=24):
 def test_training_attention_matches_sdpa(dtype, heads, seq_len, block):
     q, k, v = qkv(2, 2 * seq_len, heads, dtype)
     out = tk.training_attention(q, k, v, block)
-    expected = sdpa(q, k, v, tk.training_mask(seq_len, block))
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, **tolerance(dtype))
+    assert_matches_sdpa(out, q, k, v, tk.training_mask(seq_len, block))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", GQA)
 def test_causal_attention_matches_sdpa_is_causal(dtype, heads):
     q, k, v = qkv(2, 13, heads, dtype)
-    expected = sdpa(q, k, v, tk.causal_mask(13))
-    torch.testing.assert_close(tk.causal_attention(q, k, v).float(), expected, **tolerance(dtype))
+    assert_matches_sdpa(tk.causal_attention(q, k, v), q, k, v, tk.causal_mask(13))
 
 
 def make_cache(batch, max_len, kv_heads, head_dim, dtype):
@@ -71,8 +76,7 @@ def test_decode_attention_matches_sdpa_and_writes_only_draft_rows(dtype, heads, 
     for b, n in enumerate(lengths):
         keys = torch.cat([k_before[b, :n], k_new[b]])[None]
         values = torch.cat([v_before[b, :n], v_new[b]])[None]
-        expected = sdpa(q[b:b + 1], keys, values, tk.decode_mask(n, draft_len))
-        torch.testing.assert_close(out[b:b + 1].float(), expected, **tolerance(dtype))
+        assert_matches_sdpa(out[b:b + 1], q[b:b + 1], keys, values, tk.decode_mask(n, draft_len))
         # drafts written at [n, n+k); everything else untouched (mask rows never cached)
         assert torch.equal(k_cache[b, n:n + k_], k_new[b, :k_]) and torch.equal(v_cache[b, n:n + k_], v_new[b, :k_])
         assert torch.equal(k_cache[b, :n], k_before[b, :n]) and torch.equal(k_cache[b, n + k_:], k_before[b, n + k_:])
@@ -96,8 +100,7 @@ def test_prefill_attention_matches_sdpa_with_padded_prompts(dtype):
         toks = tk.mask.clean_tokens(0, n + length).cat(tk.mask.mask_block_tokens(n + length, draft_len, 0, n + length))
         allowed = tk.mask.may_attend(tk.mask.Tokens(*(t[n:] for t in (toks.is_mask, toks.pos, toks.block, toks.ctx))),
                                      toks)
-        expected = sdpa(q[b:b + 1, rows], keys, values, allowed)
-        torch.testing.assert_close(out[b:b + 1, rows].float(), expected, **tolerance(dtype))
+        assert_matches_sdpa(out[b:b + 1, rows], q[b:b + 1, rows], keys, values, allowed)
         assert torch.equal(k_cache[b, n:n + padded], k_new[b, :padded])
         assert torch.equal(k_cache[b, n + padded:], k_before[b, n + padded:])
 
@@ -112,7 +115,7 @@ def test_append_attention_matches_causal_over_cache():
         keys = torch.cat([k_before[b, :n], k_new[b]])[None]
         values = torch.cat([v_before[b, :n], v_new[b]])[None]
         allowed = torch.ones(4, n + 4, dtype=torch.bool).tril(diagonal=n)
-        torch.testing.assert_close(out[b:b + 1], sdpa(q[b:b + 1], keys, values, allowed), atol=1e-5, rtol=1e-5)
+        assert_matches_sdpa(out[b:b + 1], q[b:b + 1], keys, values, allowed)
         assert torch.equal(k_cache[b, n:n + 4], k_new[b])
 
 
@@ -120,12 +123,17 @@ def test_training_backward_matches_autograd_through_float64_math():
     q, k, v = (t.requires_grad_() for t in qkv(2, 12, (6, 2), torch.float32))
     out = tk.training_attention(q, k, v, 3)
     grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected, _ = reference.masked_attention(q64, k64, v64, tk.training_mask(6, 3), q.shape[-1] ** -0.5)
-    expected.backward(grad_out.double())
-    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
-        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    allowed, scale = tk.training_mask(6, 3), q.shape[-1] ** -0.5
+
+    def grads(dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        result, _ = reference.masked_attention(*inputs, allowed, scale, dtype=dtype)
+        return torch.autograd.grad(result, inputs, grad_out.to(dtype))
+
+    bounds = attention_bounds(q, k, v, allowed, scale, torch.float32, grad_out)
+    for name, g, hi, lo in zip(("dq", "dk", "dv"), got, grads(torch.float64), grads(torch.float32)):
+        assert_close_by_rule(g, hi, lo, bounds[name], name=name)
 
 
 def test_opcheck_every_reference_op():
