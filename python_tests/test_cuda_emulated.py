@@ -17,7 +17,7 @@ import tidar_kernels as tk
 from tidar_kernels import backends
 from tidar_kernels.backends import Call, reference
 from tidar_kernels.mask import Layout
-from tidar_kernels.testing import assert_close_by_rule
+from tidar_kernels.testing import assert_close_by_rule, attention_bounds
 
 from test_accept_drafts import subnormal_case
 from test_cuda_decode_attention import check_cache_writes
@@ -61,23 +61,24 @@ def make_step(batch, k, heads, head_dim, max_len, lengths, dtype, seed=0):
 
 
 def references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale):
-    """(fp64 output, the same math by PyTorch in q's dtype); unused rows zeroed for the reference only."""
+    """(fp64 output, the same math by PyTorch in q's dtype, the forward-error bound); unused rows zeroed
+    for the reference only."""
     steps, max_len = q.shape[1], k_cache.shape[1]
     allowed = reference.cached_mask(Layout.DECODE, cache_seqlens, max_len, steps, k, k, None)
     keys = torch.cat([k_cache, k_new], dim=1).nan_to_num()
     values = torch.cat([v_cache, v_new], dim=1).nan_to_num()
     hi, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=torch.float64)
     lo, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=q.dtype)
-    return hi, lo
+    return hi, lo, attention_bounds(q, keys, values, allowed, scale)["out"]
 
 
 def check_step(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale=None, name="output"):
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    hi, lo = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
+    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
     k_before, v_before, n_before = k_cache.clone(), v_cache.clone(), cache_seqlens.clone()
     out = _op()(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, DECODE, k, scale)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_close_by_rule(out, hi, lo, name=name)
+    assert_close_by_rule(out, hi, lo, bound, name=name)
     check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k)
     assert torch.equal(cache_seqlens, n_before), "the attention op must not move the lengths"
 
@@ -142,9 +143,9 @@ def test_public_api_and_registry():
     assert not emulated.supports(Call(backends.ACCEPT_DRAFTS, torch.device("cpu"), torch.float64, 0, DECODE))
     assert backends.select(call, None).name == "reference"  # never picked automatically
     q, k_new, v_new, k_cache, v_cache, lengths = make_step(1, 2, (4, 2), 64, 30, [20], FP16)
-    hi, lo = references(q, k_new, v_new, k_cache, v_cache, lengths, 2, 64 ** -0.5)
+    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, lengths, 2, 64 ** -0.5)
     out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, 2, backend="cuda_emulated")
-    assert_close_by_rule(out, hi, lo)
+    assert_close_by_rule(out, hi, lo, bound)
 
 
 def test_opcheck():
