@@ -314,11 +314,11 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     block_m, block_n, splits = plan.block_m, plan.block_n, plan.splits
     row_tiles = triton.cdiv(packed_rows, block_m)
     if splits > 1:
-        # Partial outputs in the input dtype (fp32 stays fp32), log-sum-exps in fp32: each
-        # partial is normalised (|o_s| <= sum_j p_sj |v_j|, a convex combination of V rows), so
-        # rounding it costs at most u_dtype |P_s||V|, and the merge's weights sum to 1: the
-        # output errs by at most one more u_dtype |P||V|, the size of rounding P itself
-        # (accounted for in testing.attention_bounds). It halves the partials' traffic.
+        # Partial outputs in the input dtype (fp32 stays fp32), log-sum-exps in fp32: it halves
+        # the partials' traffic. Each partial is normalised (|o_s| <= sum_j p_sj |v_j|, a convex
+        # combination of V rows: it cannot overflow the dtype V came in), so rounding it costs at
+        # most u_dtype |P_s||V|, and the merge's weights sum to 1: the output errs by at most one
+        # more u_dtype |P||V|, the size of rounding P itself (in testing.attention_bounds).
         o_part = torch.empty((batch * num_kv_heads, splits, packed_rows, head_dim), dtype=q.dtype,
                              device=q.device)
         lse_part = torch.empty((batch * num_kv_heads, splits, packed_rows), dtype=torch.float32, device=q.device)
