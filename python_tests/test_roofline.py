@@ -49,6 +49,7 @@ def test_step_flops_and_bytes():
     assert step.ideal_bytes() == pytest.approx(6.16e6, rel=0.01)
     assert roofline.limit_seconds(step.flops(), step.ideal_bytes(), H100) == pytest.approx(6.9e-6, rel=0.01)
     assert step.partial_bytes(3) == 2 * 4 * 3 * 2 * 1632 * 129
+    assert step.partial_bytes(3, elem_bytes=2) == 2 * 3 * 2 * 1632 * (2 * 128 + 4)  # bf16 outputs, fp32 LSEs
     # Qwen3-8B, k = 16: 1088 rows pad to 1152 with 128-row tiles, not at all with 64.
     qwen3 = decode_step(16, QWEN3)
     assert qwen3.padded_flops(128) / qwen3.padded_flops(64) == pytest.approx(1152 / 1088)
@@ -112,9 +113,33 @@ def test_compute_bound_split_pays_for_its_partials():
     assert guess.seconds < roofline.estimate(sparse, kernel, 11, H100).seconds
 
 
+def test_partial_slack_keeps_compute_bound_partials_within_the_ideal_bytes():
+    """Qwen2.5-1.5B k = 16 batch 1, bf16 partials: the fastest plan moves more partial bytes
+    than the step; with slack the planner takes the fastest plan within the ideal bytes,
+    still split (GPU fill), and no slower than the slack allows."""
+    step = decode_step(16, QWEN25)
+    kernels = [CachedKernel(m, 8, 2 * 128 * (m + 6 * 64), partial_elem_bytes=2) for m in (64, 128)]
+    _, fast_splits, fast = roofline.plan_splits(step, kernels, H100, 32, 128)
+    assert fast.partial_bytes > step.ideal_bytes()
+    kernel, splits, lean = roofline.plan_splits(step, kernels, H100, 32, 128, partial_slack=1.25)
+    assert lean.partial_bytes <= step.ideal_bytes() and 1 < splits < fast_splits
+    assert fast.seconds < lean.seconds <= 1.25 * fast.seconds
+    for candidate in kernels:  # the fastest of the plans within the ideal bytes
+        for count in range(1, 33):
+            guess = roofline.estimate(step, candidate, count, H100)
+            assert guess.partial_bytes > step.ideal_bytes() or guess.seconds >= lean.seconds
+    # Too little slack: the fastest plan stands. Memory-bound steps ignore the slack.
+    assert roofline.plan_splits(step, kernels, H100, 32, 128, partial_slack=1.01)[1] == fast_splits
+    small = decode_step(4, QWEN25)
+    assert roofline.plan_splits(small, kernels, H100, 32, 128, partial_slack=1.25) == \
+        roofline.plan_splits(small, kernels, H100, 32, 128)
+
+
 def test_plan_splits_rejects_no_candidates():
     with pytest.raises(ValueError, match="kernels is empty"):
         roofline.plan_splits(decode_step(4, QWEN25), [], H100, 32, 128)
+    with pytest.raises(ValueError, match="partial_slack must be >= 1, got 0.5"):
+        roofline.plan_splits(decode_step(4, QWEN25), [CachedKernel(64, 8, 100_000)], H100, 32, 128, 0.5)
 
 
 def test_cuda_planner_cases_are_current():
@@ -129,13 +154,20 @@ def test_triton_planner_uses_the_model_and_static_sizes():
     again = triton_ops.plan_cached(torch.bfloat16, 1, 272, 12, 2, 128, 4096, 16, H100)
     assert plan == again
     step = decode_step(16, QWEN25)
-    kernel = CachedKernel(plan.block_m, plan.warps, 2 * 128 * (plan.block_m + plan.stages * 2 * plan.block_n))
+    kernel = CachedKernel(plan.block_m, plan.warps, 2 * 128 * (plan.block_m + plan.stages * 2 * plan.block_n),
+                          partial_elem_bytes=2)
     assert plan.estimate == roofline.estimate(step, kernel, plan.splits, H100)
-    # Every candidate (row tile x splits) is priced no lower than the chosen one.
+    # Compute-bound: bf16 partials within the ideal bytes, still split to fill the GPU; every
+    # candidate (row tile x splits) within the ideal bytes is priced no lower than the chosen
+    # one, and no candidate lower than the chosen one over PARTIAL_SLACK.
+    assert plan.splits > 1 and plan.estimate.partial_bytes <= step.ideal_bytes()
     for block_m in (64, 128):
-        candidate = CachedKernel(block_m, 8, 2 * 128 * (block_m + plan.stages * 2 * plan.block_n))
+        candidate = CachedKernel(block_m, 8, 2 * 128 * (block_m + plan.stages * 2 * plan.block_n),
+                                 partial_elem_bytes=2)
         for splits in range(1, triton_ops.MAX_SPLITS + 1):
-            assert roofline.estimate(step, candidate, splits, H100).seconds >= plan.estimate.seconds
+            guess = roofline.estimate(step, candidate, splits, H100)
+            assert guess.seconds >= plan.estimate.seconds / triton_ops.PARTIAL_SLACK
+            assert guess.partial_bytes > step.ideal_bytes() or guess.seconds >= plan.estimate.seconds
     # A one-row AR step is one 16-row tile; fp32 tiles stop at 64 rows.
     assert triton_ops.plan_cached(torch.bfloat16, 1, 1, 12, 2, 128, 4096, 1, H100).block_m == 16
     assert triton_ops.plan_cached(torch.float32, 1, 272, 12, 2, 128, 4096, 16, H100).block_m == 64

@@ -13,7 +13,9 @@ peak only with ``WARPS_FOR_PEAK`` warps resident (fewer: proportionally slower);
 how many CTAs can be resident comes from shared memory and registers per SM.
 The planners (``backends/triton_ops.py`` and its C++ mirror
 ``csrc/decode_attention_plan.cpp``) pick the split count and row-tile size
-that minimise ``main + merge``; every quantity is a static size (the cache
+that minimise ``main + merge`` (the Triton planner, on compute-bound steps, takes
+a plan whose partials move no more than the step's ideal bytes when it is nearly
+as fast: :func:`plan_splits`' ``partial_slack``); every quantity is a static size (the cache
 taken full at ``max_len``), so a plan never reads a tensor's values and a
 decode step stays CUDA-graph capturable.
 
@@ -141,9 +143,11 @@ class CachedStep:
                 + 2 * self.num_rows * self.kv_heads + 2 * self.rows_written * self.kv_heads)
         return float(self.elem_bytes * self.batch * self.head_dim * rows)
 
-    def partial_bytes(self, partials: int) -> float:
-        """fp32 partial outputs and log-sum-exps of ``partials`` splits, written and read back."""
-        return 2.0 * FP32_BYTES * partials * self.batch * self.kv_heads * self.packed_rows * (self.head_dim + 1)
+    def partial_bytes(self, partials: int, elem_bytes: int = FP32_BYTES) -> float:
+        """Partial outputs (``elem_bytes`` per element) and fp32 log-sum-exps of ``partials``
+        splits, written and read back."""
+        return (2.0 * partials * self.batch * self.kv_heads * self.packed_rows
+                * (elem_bytes * self.head_dim + FP32_BYTES))
 
 
 @dataclass(frozen=True)
@@ -153,12 +157,15 @@ class CachedKernel:
     ``local_split``: the step's own keys run in an extra split and every split writes
     partials (the CUDA kernel); otherwise the last split also takes the step's keys
     and one split writes the output directly (the Triton kernel).
+    ``partial_elem_bytes``: bytes per element of the split partial outputs (the Triton
+    kernel stores them in the input dtype, the CUDA kernel in fp32); log-sum-exps are fp32.
     """
 
     block_m: int
     warps: int
     smem_bytes: int
     local_split: bool = False
+    partial_elem_bytes: int = FP32_BYTES
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ def estimate(step: CachedStep, kernel: CachedKernel, splits: int, device: Device
     tiles = -(-step.packed_rows // kernel.block_m)
     ctas = splits * tiles * step.batch * step.kv_heads  # a local split's CTAs are short: not counted
     partials = splits + 1 if kernel.local_split else (splits if splits > 1 else 0)
-    partial = step.partial_bytes(partials)
+    partial = step.partial_bytes(partials, kernel.partial_elem_bytes)
     used = utilisation(device, ctas, kernel.warps, kernel.smem_bytes)
     compute = step.padded_flops(kernel.block_m) / (device.tensor_flops * used)
     memory = (step.ideal_bytes() + partial / 2) / (device.hbm_bytes_per_s * used)
@@ -188,19 +195,31 @@ def estimate(step: CachedStep, kernel: CachedKernel, splits: int, device: Device
 
 
 def plan_splits(step: CachedStep, kernels: Iterable[CachedKernel], device: Device, max_splits: int,
-                min_keys_per_split: int) -> tuple[CachedKernel, int, Estimate]:
-    """The (kernel, splits) of least modelled time; ties go to fewer splits, then to the
-    earlier kernel. Splits stay in ``[1, max_splits]`` and give every split at least
-    ``min_keys_per_split`` cache rows of a full cache."""
+                min_keys_per_split: int, partial_slack: float = 1.0) -> tuple[CachedKernel, int, Estimate]:
+    """The (kernel, splits) of least modelled time; ties go to the earlier kernel, then to
+    fewer splits. Splits stay in ``[1, max_splits]`` and give every split at least
+    ``min_keys_per_split`` cache rows of a full cache.
+
+    ``partial_slack`` (>= 1): for a compute-bound step, the fastest plan whose partials
+    move no more than the step's ideal bytes is taken instead when its modelled time is
+    at most ``partial_slack`` times the least (1: always the least).
+    """
+    if partial_slack < 1.0:
+        raise ValueError(f"plan_splits: partial_slack must be >= 1, got {partial_slack}")
     most = max(1, min(max_splits, step.max_len // min_keys_per_split))
-    best = None
-    for kernel in kernels:
-        for splits in range(1, most + 1):
-            guess = estimate(step, kernel, splits, device)
-            if best is None or guess.seconds < best[2].seconds:
-                best = (kernel, splits, guess)
-    if best is None:
+    plans = [(kernel, splits, estimate(step, kernel, splits, device))
+             for kernel in kernels for splits in range(1, most + 1)]
+    if not plans:
         raise ValueError("plan_splits: kernels is empty, expected at least one candidate")
+
+    def fastest(candidates):  # min keeps the first of equal times: earlier kernel, fewer splits
+        return min(candidates, key=lambda plan: plan[2].seconds)
+
+    best = fastest(plans)
+    if partial_slack > 1.0 and compute_bound(step, device):
+        lean = [plan for plan in plans if plan[2].partial_bytes <= step.ideal_bytes()]
+        if lean and fastest(lean)[2].seconds <= partial_slack * best[2].seconds:
+            return fastest(lean)
     return best
 
 

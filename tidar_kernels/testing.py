@@ -27,7 +27,9 @@ The precision model of a kernel (every kernel of this package follows it):
 inputs and outputs in the kernel's dtype; products accumulated in fp32 (fp64 for
 fp64 inputs), unit roundoff ``u``; the kernel may round an intermediate matrix
 (softmax probabilities ``P``, ``dS``) to its own dtype before a matmul (tensor
-cores) and rounds its output to its dtype, unit roundoff ``u_d`` (= ``u`` in fp32).
+cores), may store split partial outputs to its dtype before merging them
+(flash-decoding), and rounds its output to its dtype, unit roundoff ``u_d`` (= ``u``
+in fp32).
 
 Bounds
 ------
@@ -43,7 +45,9 @@ Bounds
     (a sum of ``K`` terms), a probability has relative error
     ``rho_j <= gamma_{D+5} (Sa_j + m + log K + 1) + gamma_{K+1}``;
   - ``out = P V``: ``|d out| <= sum_j P_j rho_j (|v_j| + |out|) + gamma_K |P||V|``
-    ``+ u_d (|P||V| + |out|)`` (``P`` and ``out`` rounded to the dtype);
+    ``+ u_d (2 |P||V| + |out|)`` (``P`` and ``out`` rounded to the dtype, and split
+    partials ``o_s = P_s V / l_s``: each errs by ``u_d |P_s||V| / l_s``, and the merge
+    weights them by ``l_s / l`` summing to 1, so one more ``u_d |P||V|`` in all);
   - backward from the kernel's own ``out`` (flash-attention's algorithm, any honest
     variant): ``delta = dO.out`` errs by ``gamma_D |dO|.|out| + |dO|.|d out|``,
     ``dP = dO V^T`` by ``gamma_D |dO||V|^T``, so ``dS = P (dP - delta)`` by
@@ -125,7 +129,7 @@ def attention_bounds(q, k, v, allowed, scale: float, dtype: Optional[torch.dtype
     abs_pv = torch.einsum("bhqk,bkhd->bqhd", probs, vf.abs())
     p_rho = probs * rho
     bound_out = (torch.einsum("bhqk,bkhd->bqhd", p_rho, vf.abs()) + rows_first(p_rho.sum(-1, keepdim=True)) * out.abs()
-                 + rows_first(gamma(keys_seen, dtype)) * abs_pv + u_d * (abs_pv + out.abs()))
+                 + rows_first(gamma(keys_seen, dtype)) * abs_pv + u_d * (2 * abs_pv + out.abs()))
     bounds = {"out": bound_out}
     if dout is None:
         return bounds

@@ -422,7 +422,8 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     static and the step is CUDA-graph capturable) with no mask; the last split also
     takes the step's own keys under the TiDAR rule. With one split the result goes
     straight to ``Out``; otherwise each split writes its normalised partial output
-    and base-2 log-sum-exp to ``OPart [B*Hkv, S, T*group, D]`` / ``LsePart`` for
+    and base-2 log-sum-exp to ``OPart [B*Hkv, S, T*group, D]`` (``OPart``'s dtype:
+    the input dtype, see ``triton_ops.cached_attention``) / ``LsePart`` (fp32) for
     :func:`merge_splits_kernel`.
 
     Every program also copies its share of the first ``rows_written`` step rows of
@@ -502,7 +503,7 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
                  out.to(Out.dtype.element_ty), mask=row_mask)
     else:
         part = (pid_bh.to(tl.int64) * NUM_SPLITS + split) * packed + r.to(tl.int64)
-        tl.store(OPart + part[:, None] * head_dim + offs_d[None, :], out, mask=row_mask)
+        tl.store(OPart + part[:, None] * head_dim + offs_d[None, :], out.to(OPart.dtype.element_ty), mask=row_mask)
         # An empty chunk leaves m_i = -inf and l_i = 0: lse = -inf, weight 0 in the merge.
         tl.store(LsePart + part, tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
 
@@ -513,7 +514,8 @@ def merge_splits_kernel(OPart, LsePart, Out, so_b, so_t, so_h, so_d, num_rows, n
     """Grid ``(cdiv(T * group, BLOCK_M), batch * kv_heads)``: log-sum-exp merge of the splits.
 
     ``out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m)`` with ``m = max_s lse_s``;
-    the last split always saw the step's own keys, so ``m`` is finite.
+    the last split always saw the step's own keys, so ``m`` is finite. Partials are
+    read in ``OPart``'s dtype and merged in fp32.
     """
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -537,7 +539,7 @@ def merge_splits_kernel(OPart, LsePart, Out, so_b, so_t, so_h, so_d, num_rows, n
     for s in range(NUM_SPLITS):
         part = first + s * packed
         weight = tl.exp2(tl.load(LsePart + part, mask=r_ok, other=float("-inf")) - m)
-        o = tl.load(OPart + part[:, None] * head_dim + offs_d[None, :], mask=row_mask, other=0.0)
+        o = tl.load(OPart + part[:, None] * head_dim + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
         acc += weight[:, None] * o
         weight_sum += weight
     out = acc / tl.where(weight_sum == 0.0, 1.0, weight_sum)[:, None]
