@@ -44,7 +44,7 @@ from torch import nn
 
 from . import data as tdata
 from .mask import check_training_shape
-from .training import build_training_batch, causal_labels, label_counts, tidar_loss, IGNORE_INDEX
+from .training import build_training_batch, label_counts, tidar_loss
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -356,20 +356,14 @@ def make_scheduler(optimizer, args: TrainArgs):
 @torch.no_grad()
 def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
     """Held-out AR-mode loss / perplexity and greedy TiDAR tokens per forward (draft length ``B``)."""
+    from .evaluate import heldout_ar_loss
     from .generate import tidar_generate
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = datasets.heldout.tokens[:args.eval_rows].to(device)
-    labels = causal_labels(rows, datasets.heldout.doc_ids[:args.eval_rows])
-    total, count = 0.0, 0
-    for start in range(0, rows.shape[0], 8):
-        logits = model.forward_causal(rows[start:start + 8]).float()
-        chunk = labels[start:start + 8]
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk.flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((chunk != IGNORE_INDEX).sum())
+    total, count = heldout_ar_loss(model, datasets.heldout.tokens[:args.eval_rows],
+                                   datasets.heldout.doc_ids[:args.eval_rows])
     ar_loss = total / max(count, 1)
     tpf = []
     for prompt in datasets.heldout_prompts:
@@ -474,8 +468,11 @@ def _unflatten_optimizer(tensors: dict, opt_json: dict) -> dict:
 # Time budget
 # ----------------------------------------------------------------------------
 
-BUDGET_PROBE_STEPS = 3
-"""Steps timed before a ``--budget-minutes`` run fixes its step count (all inside the warmup)."""
+BUDGET_PROBE_STEPS = 20
+"""Most steps timed before a ``--budget-minutes`` run fixes its step count: the whole warmup, up to this."""
+
+BUDGET_MARGIN = 0.05
+"""Fraction of the remaining budget left unplanned: step times drift (other processes, a warming GPU)."""
 
 BUDGET_WARMUP_STEPS = 5
 """Warmup of a budget run without ``--warmup-steps``: it must not depend on the unknown step count."""
@@ -496,7 +493,7 @@ def plan_budget(args: TrainArgs, done: int, elapsed: float, step_seconds: float,
         raise ValueError(f"budget_minutes={args.budget_minutes:g} is too small for one step: loading and data "
                          f"took {setup:.1f} s and a step {step_seconds:.2f} s, expected a budget over "
                          f"{(setup + step_seconds) / 60:.2f} minutes")
-    return dataclasses.replace(args, steps=done + int((budget - elapsed) // step_seconds))
+    return dataclasses.replace(args, steps=done + int((1 - BUDGET_MARGIN) * (budget - elapsed) // step_seconds))
 
 
 # ----------------------------------------------------------------------------
@@ -607,7 +604,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                         tok_s=f"{tokens_per_step / seconds:.0f}")
         bar.update(1)
         done = step + 1
-        probe_steps = min(BUDGET_PROBE_STEPS, args.warmup_steps or 1)
+        probe_steps = min(BUDGET_PROBE_STEPS, args.warmup_steps or 1)  # inside the warmup: LR independent of steps
         if args.budget_minutes is not None and done <= probe_steps:  # the last of these plans fixes steps
             args = plan_budget(args, done, time.perf_counter() - run_start, train_seconds / done, dist_)
             for schedule in scheduler.lr_lambdas:  # same warmup, cosine to the planned end
