@@ -88,6 +88,7 @@ class TrainArgs:
     recipe: Optional[str] = None  # the RECIPES entry these arguments started from (a record; see recipe_args)
     budget_minutes: Optional[float] = None  # wall-time budget: sets steps from measured step time (see train)
     trainable_layers: Optional[int] = None  # train only the top N blocks + final norm (None: everything)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
 
     def validate(self) -> None:
         check_training_shape(self.seq_len, self.block_size)
@@ -377,14 +378,94 @@ def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# FSDP2: sharded parameters, gathered for checkpoints and evaluation
+# ----------------------------------------------------------------------------
+
+
+def shard_model(forward: TrainingForward, dist_: Dist) -> None:
+    """Apply FSDP2 (``fully_shard``): each transformer block, then the adapter as the root.
+
+    The root holds the embedding (with a tied head, the head too), the final
+    norm and any untied head; making the adapter the root means its hooks cover
+    the whole training forward, LM head included. On CUDA the parameters are
+    cast to bf16 for compute and gradients reduced in fp32 (the master weights and
+    the optimizer stay fp32). Parameters are replaced by sharded DTensors in place.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process: FSDP2 still needs a (trivial) process group
+        dist.init_process_group("nccl" if dist_.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                world_size=1, rank=0)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dist_.device.type == "cuda" else MixedPrecisionPolicy())
+    for block in forward.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(forward, mp_policy=policy)
+
+
+def _parameter_names(model: nn.Module, optimizer) -> list:
+    """Names of the optimizer's parameters in its own order (the indices of ``optimizer.state_dict()``)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey_optimizer_state(state: dict, keys: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through ``keys`` (index <-> name)."""
+    return {"state": {keys[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [keys[k] for k in g["params"]]} for g in state["param_groups"]]}
+
+
+def gather_full_state(model: nn.Module, optimizer) -> tuple[Optional[dict], Optional[dict]]:
+    """Full model and optimizer state dicts of a sharded run, on rank 0's CPU (``None`` elsewhere).
+
+    Collective: every rank must call it. The optimizer state comes back keyed by
+    parameter index like ``optimizer.state_dict()`` of an unsharded run.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return model_state, _rekey_optimizer_state(optimizer_state, index)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Load an index-keyed full optimizer state dict, sharding it when the run is sharded."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = dict(enumerate(_parameter_names(model, optimizer)))
+    set_optimizer_state_dict(model, optimizer, _rekey_optimizer_state(state, names),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _plain_model(config, state: dict) -> nn.Module:
+    """An unsharded model holding a gathered state dict (rank 0 evaluates it alone)."""
+    from .checkpoints import _build
+    return _build(config, state, device=None, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: tdata.TextTokenizer,
                     optimizer, scheduler, sampler: tdata.BatchSampler, args: TrainArgs,
-                    evaluation: Optional[dict] = None, history: Optional[list] = None) -> Path:
-    """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it."""
+                    evaluation: Optional[dict] = None, history: Optional[list] = None,
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it.
+
+    ``model_state`` / ``optimizer_state``: full (gathered) state dicts of a sharded
+    run (:func:`gather_full_state`); by default those of ``model`` and ``optimizer``.
+    The files are the same either way, so any run can resume any checkpoint.
+    """
     from safetensors.torch import save_file
 
     from .checkpoints import save_pretrained
@@ -395,9 +476,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: tdata
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_pretrained(model, tmp)  # creates tmp (itself atomically)
+        save_pretrained(model, tmp, state=model_state)  # creates tmp (itself atomically)
         tokenizer.save(tmp)
-        tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
+        tensors, opt_json = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -522,7 +603,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         saved = TrainArgs(**state["args"])
         args = dataclasses.replace(saved, steps=args.steps, out_dir=args.out_dir, save_every=args.save_every,
                                    eval_every=args.eval_every, progress=args.progress, device=args.device,
-                                   time_limit=args.time_limit)
+                                   time_limit=args.time_limit, fsdp=args.fsdp)
     args.validate()
     dist_ = setup_distributed(args.device)
     corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field,
@@ -543,13 +624,16 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
 
     if args.budget_minutes is not None:  # warmup fixed up front: the probe steps' LR cannot depend on steps
         args = dataclasses.replace(args, warmup_steps=args.warmup_steps or BUDGET_WARMUP_STEPS)
+    forward = TrainingForward(model, args.block_size)
+    if args.fsdp:
+        shard_model(forward, dist_)  # before the optimizer: it must hold the sharded parameters
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     sampler = tdata.BatchSampler(len(datasets.train), args.seed)
     start = 0
     if state is not None:
         tensors = load_file(str(ckpt / STATE_TENSORS))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        load_optimizer_state(model, optimizer, _unflatten_optimizer(tensors, state["optimizer"]), args.fsdp)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.cpu"])
@@ -559,10 +643,10 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     if start >= args.steps:
         raise ValueError(f"steps must exceed the resumed checkpoint's step {start}, got steps={args.steps}")
 
-    forward = TrainingForward(model, args.block_size)
-    if dist_.enabled:
+    if dist_.enabled and not args.fsdp:
         forward = nn.parallel.DistributedDataParallel(forward)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_.device.type == "cuda"
+    # bf16 on CUDA: autocast, or FSDP2's mixed-precision policy (bf16 parameters, fp32 reductions)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_.device.type == "cuda" and not args.fsdp
                 else contextlib.nullcontext())
     out_dir = Path(args.out_dir) if args.out_dir else None
     mask_id = model.config.mask_token_id
@@ -585,7 +669,9 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         sums = [0.0, 0.0, 0.0]
         for index, batch in enumerate(batches):
             sync = index == accum - 1 or not dist_.enabled
-            with (contextlib.nullcontext() if sync else forward.no_sync()), autocast:
+            if args.fsdp:  # gradients reduce-scattered on the last micro-batch only
+                forward.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or args.fsdp else forward.no_sync()), autocast:
                 logits = forward(batch.input_ids.to(dist_.device))
                 loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens)
             (loss.total * world).backward()
@@ -618,16 +704,22 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             [float(dist_.main and train_seconds > args.time_limit)])[0] > 0
         if out_of_time:
             args = dataclasses.replace(args, steps=done)
-        if dist_.main and (done == args.steps or (args.eval_every and done % args.eval_every == 0)):
-            evaluation = evaluate(model, datasets, args)
+        evaluate_now = done == args.steps or (args.eval_every and done % args.eval_every == 0)
+        save_now = out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0))
+        model_state = optimizer_state = None
+        if args.fsdp and (evaluate_now or save_now):  # every rank takes part in the gather
+            model_state, optimizer_state = gather_full_state(model, optimizer)
+        if dist_.main and evaluate_now:
+            evaluation = evaluate(model if model_state is None else _plain_model(model.config, model_state),
+                                  datasets, args)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in evaluation.items()))
-        if out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0)):
+        if save_now:
             failure = None
             if dist_.main:
                 try:
                     checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
-                                                 args, evaluation or None, history)
+                                                 args, evaluation or None, history, model_state, optimizer_state)
                 except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
                     failure = error
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
@@ -669,6 +761,8 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
                    "explicit options override its values")
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None,
                    help="wall-time budget (loading + training): steps are set from the first steps' time")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state "
+                   "over the torchrun ranks (bf16 compute on CUDA) instead of DDP")
     p.add_argument("--trainable-layers", dest="trainable_layers", type=int, default=None,
                    help="train only the top N blocks + final norm (embedding and head frozen)")
     recipe = p.parse_known_args(argv)[0].recipe
