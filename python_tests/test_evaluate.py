@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_cli_writes_the_report_with_the_issue_keys(run_dir, tmp_path, capsys):
-    model, baseline = str(run_dir / "step_000002"), str(run_dir / "step_000001")
+    model, baseline = str(run_dir), str(run_dir / "step_000001")  # a run directory: its latest checkpoint
     path = tmp_path / "report.json"
     E.main([model, "--baseline", baseline, "--prompts", "2", "--prompt-len", "16", "--new-tokens", "12",
             "--draft-lens", "2", "4", "8", "16", "--ppl-rows", "3", "--ppl-seq-len", "48", "--json", str(path)])
@@ -50,6 +50,7 @@ def test_cli_writes_the_report_with_the_issue_keys(run_dir, tmp_path, capsys):
     assert ppl["relative_change"] == pytest.approx(ppl["model"] / ppl["baseline"] - 1)
     assert ppl["model"] == pytest.approx(math.exp(report["ar_loss_nats"]["model"]))
     assert report["model"]["trainer"]["step"] == 2 and report["baseline"]["trainer"]["step"] == 1
+    assert report["model"]["path"] == str(run_dir / "step_000002")
     for key in ("data", "commit", "device", "versions", "date", "command"):
         assert report[key], key
     assert report["data"]["heldout_documents"] >= 1 and report["data"]["perplexity_tokens"] > 100

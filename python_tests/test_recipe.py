@@ -109,3 +109,16 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
     with pytest.raises(ValueError, match=match):
         T.train(args, resume=resume)
     assert written(out) == []
+
+
+def test_corpus_adds_installed_package_docs_to_the_stdlib():
+    """``--data stdlib docs:NAME``: the default corpus plus a package's README and doc files, split by name."""
+    from tidar_kernels import data as tdata
+    docs = tdata.read_source("docs:torch")
+    assert docs and docs[0].name == "docs:torch/DESCRIPTION" and "PyTorch" in docs[0].text
+    assert not any(".dist-info" in d.name for d in docs[1:])
+    corpus = tdata.build_corpus(["stdlib", "docs:torch"], 0.05, require_heldout=True)
+    names = {d.name for d in corpus.train + corpus.heldout}
+    assert {d.name for d in tdata.stdlib_documents()} | {d.name for d in docs} == names
+    with pytest.raises(ValueError, match="no installed distribution named 'no-such-package-xyz'"):
+        tdata.read_source("docs:no-such-package-xyz")

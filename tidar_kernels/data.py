@@ -89,8 +89,49 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
+STDLIB_SOURCE = "stdlib"
+"""The source name of the standard library's sources (what no source at all reads), to combine with others."""
+
+PACKAGE_DOCS_PREFIX = "docs:"
+"""A source ``docs:NAME`` reads the documentation of the installed distribution ``NAME``."""
+
+DOC_SUFFIXES = (".md", ".rst", ".txt")
+
+
+def package_documents(name: str) -> list[Document]:
+    """An installed distribution's documentation: its long description and shipped doc files.
+
+    The description is the README that ``pip show`` metadata carries; doc files
+    are the ``.md`` / ``.rst`` / ``.txt`` files it installs outside its
+    ``.dist-info`` (licence texts and entry points are not documentation).
+    Split keys are ``docs:NAME/<path>``.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"data source {PACKAGE_DOCS_PREFIX}{name}: no installed distribution named {name!r}; "
+                         "expected the name of an installed package (pip list)") from None
+    docs = []
+    description = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+    if description.strip():
+        docs.append(Document(f"{PACKAGE_DOCS_PREFIX}{name}/DESCRIPTION", description))
+    for file in sorted(dist.files or [], key=str):
+        if file.suffix in DOC_SUFFIXES and not any(part.endswith(".dist-info") for part in file.parts):
+            if text := _read_text(Path(file.locate())):
+                docs.append(Document(f"{PACKAGE_DOCS_PREFIX}{name}/{file.as_posix()}", text))
+    return docs
+
+
 def read_source(source: str, text_field: str = "text") -> list[Document]:
-    """Documents of one source: a ``.jsonl`` file, a text file, a directory or a glob pattern."""
+    """Documents of one source: a ``.jsonl`` file, a text file, a directory, a glob pattern,
+    ``stdlib`` (the standard library, the default corpus; a directory of that name is
+    ``./stdlib``) or ``docs:NAME`` (an installed package's documentation, :func:`package_documents`)."""
+    if source == STDLIB_SOURCE:
+        return stdlib_documents()
+    if source.startswith(PACKAGE_DOCS_PREFIX):
+        return package_documents(source[len(PACKAGE_DOCS_PREFIX):])
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))

