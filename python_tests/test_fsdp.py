@@ -73,3 +73,31 @@ def test_sharded_checkpoint_loads_as_a_plain_model(runs):
     model, tokenizer = T.load_checkpoint_model(str(runs / "two" / "step_000004"))
     assert model.config.mask_token_id == tokenizer.mask_id
     assert torch.isfinite(model.forward_causal(torch.tensor([[5, 6, 7]]))).all()
+
+
+def test_one_process_fsdp_matches_the_unsharded_run():
+    """``fsdp=True`` without torchrun: a one-process group is made (and ended); the losses are the plain run's."""
+    import dataclasses
+    import torch.distributed as dist
+    args = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+                       steps=3, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False)
+    plain = T.train(args)
+    sharded = T.train(dataclasses.replace(args, fsdp=True))
+    assert not dist.is_initialized()
+    for a, b in zip(plain.history, sharded.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
+    assert sharded.evaluation["heldout_ar_loss"] == pytest.approx(plain.evaluation["heldout_ar_loss"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_fsdp_bf16_mixed_precision_on_cuda_trains_like_autocast():
+    """On CUDA FSDP2 computes in bf16 (fp32 master weights and reductions): losses track bf16 autocast's."""
+    import dataclasses
+    args = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+                       steps=5, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False,
+                       device="cuda")
+    autocast = T.train(args)
+    sharded = T.train(dataclasses.replace(args, fsdp=True))
+    assert all(p.dtype == torch.float32 for p in sharded.model.parameters())  # master weights
+    for a, b in zip(autocast.history, sharded.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (a, b)

@@ -382,7 +382,7 @@ def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def shard_model(forward: TrainingForward, dist_: Dist) -> None:
+def shard_model(forward: TrainingForward, dist_: Dist) -> bool:
     """Apply FSDP2 (``fully_shard``): each transformer block, then the adapter as the root.
 
     The root holds the embedding (with a tied head, the head too), the final
@@ -390,10 +390,12 @@ def shard_model(forward: TrainingForward, dist_: Dist) -> None:
     the whole training forward, LM head included. On CUDA the parameters are
     cast to bf16 for compute and gradients reduced in fp32 (the master weights and
     the optimizer stay fp32). Parameters are replaced by sharded DTensors in place.
+    Returns whether it created a (one-process) process group, which the caller ends.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_initialized():  # one process: FSDP2 still needs a (trivial) process group
+    created = not dist.is_initialized()
+    if created:  # one process: FSDP2 still needs a (trivial) process group
         dist.init_process_group("nccl" if dist_.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 world_size=1, rank=0)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -401,6 +403,7 @@ def shard_model(forward: TrainingForward, dist_: Dist) -> None:
     for block in forward.model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(forward, mp_policy=policy)
+    return created
 
 
 def _parameter_names(model: nn.Module, optimizer) -> list:
@@ -625,8 +628,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     if args.budget_minutes is not None:  # warmup fixed up front: the probe steps' LR cannot depend on steps
         args = dataclasses.replace(args, warmup_steps=args.warmup_steps or BUDGET_WARMUP_STEPS)
     forward = TrainingForward(model, args.block_size)
-    if args.fsdp:
-        shard_model(forward, dist_)  # before the optimizer: it must hold the sharded parameters
+    own_group = args.fsdp and shard_model(forward, dist_)  # before the optimizer: it holds the sharded parameters
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     sampler = tdata.BatchSampler(len(datasets.train), args.seed)
@@ -725,6 +727,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
                 raise failure or RuntimeError(f"rank 0 failed to save the checkpoint of step {done}; see its log")
     bar.close()
+    if own_group:
+        dist.destroy_process_group()
     return TrainResult(model=model, tokenizer=tokenizer, history=history, evaluation=evaluation,
                        checkpoint=checkpoint, datasets=datasets, train_seconds=train_seconds)
 
