@@ -195,6 +195,13 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     model, tokenizer = load_checkpoint_model(model_path)
     model = model.to(dev, torch_dtype).eval()
     heldout_ids = tokenizer.encode_batch([d.text for d in corpus.heldout])
+    baseline = None
+    if baseline_path is not None:  # loaded and checked before any measurement
+        baseline, baseline_tokenizer = load_checkpoint_model(baseline_path)
+        if baseline_tokenizer.encode_batch([d.text for d in corpus.heldout]) != heldout_ids:
+            raise ValueError(f"baseline {baseline_path!r} must tokenize the held-out text like the model "
+                             f"{model_path!r} (the same tokenizer), it does not: perplexities would not compare")
+        baseline = baseline.to(dev, torch_dtype).eval()
     prompt_ids = held_out_prompts(heldout_ids, prompt_len, prompts)
     if len(prompt_ids) < prompts:
         raise ValueError(f"prompts={prompts} needs that many held-out documents of >= {2 * prompt_len} tokens, "
@@ -204,23 +211,14 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
 
     report: dict = {"model": _checkpoint_summary(model_path, model)}
     nats, count = heldout_ar_loss(model, rows, row_docs)
-    perplexity = {"model": math.exp(nats / count)}
-    loss = {"model": nats / count}
-    report.update(decode_figures(model, prompt_ids, new_tokens, draft_lens, tokenizer.eos_id, dev))
-    del model
-    if baseline_path is not None:
-        baseline, baseline_tokenizer = load_checkpoint_model(baseline_path)
-        if baseline_tokenizer.encode_batch([d.text for d in corpus.heldout]) != heldout_ids:
-            raise ValueError(f"baseline {baseline_path!r} must tokenize the held-out text like the model "
-                             f"{model_path!r} (the same tokenizer), it does not: perplexities would not compare")
-        baseline = baseline.to(dev, torch_dtype).eval()
+    perplexity, loss = {"model": math.exp(nats / count)}, {"model": nats / count}
+    if baseline is not None:  # the same rows, hence the same label count
         report["baseline"] = _checkpoint_summary(baseline_path, baseline)
-        nats, count_baseline = heldout_ar_loss(baseline, rows, row_docs)
-        assert count_baseline == count
-        perplexity["baseline"] = math.exp(nats / count)
-        loss["baseline"] = nats / count
+        loss["baseline"] = heldout_ar_loss(baseline, rows, row_docs)[0] / count
+        perplexity["baseline"] = math.exp(loss["baseline"])
         perplexity["relative_change"] = perplexity["model"] / perplexity["baseline"] - 1.0
         del baseline
+    report.update(decode_figures(model, prompt_ids, new_tokens, draft_lens, tokenizer.eos_id, dev))
     report["ar_perplexity"] = perplexity
     report["ar_loss_nats"] = loss
     report["data"] = {"sources": corpus.sources, "heldout_fraction": heldout_fraction,
