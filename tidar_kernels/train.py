@@ -151,8 +151,9 @@ def freeze_lower_layers(model: nn.Module, trainable_layers: Optional[int]) -> No
 
     Frozen: the embedding, the LM head (tied or not, so the AR output space stays
     the original's) and the lower blocks. Backward then stops at
-    the lowest trainable block: on a CPU, training the top third of SmolLM2
-    costs ~0.6x of a full step, and the frozen part keeps the AR model intact.
+    the lowest trainable block: training the top 10 of SmolLM2's 30 blocks took
+    0.54x the time of a full step (3.3 vs 6.1 s, 2 x 128 tokens, one CPU thread),
+    and the frozen part keeps the AR model intact.
     """
     if trainable_layers is None:
         return
