@@ -591,8 +591,14 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
 
     With ``resume`` the run's arguments come from the checkpoint, except
     ``steps``, ``out_dir``, ``save_every``, ``eval_every``, ``progress``,
-    ``device`` and ``time_limit``, which are taken from ``args`` (so a run can
-    be extended; the cosine schedule then follows the new ``steps``).
+    ``device``, ``time_limit`` and ``fsdp``, which are taken from ``args`` (so a
+    run can be extended; the cosine schedule then follows the new ``steps``), and
+    ``budget_minutes``, which a resumed run does not have (its steps are given).
+
+    ``budget_minutes``: the first steps (the warmup, at most
+    :data:`BUDGET_PROBE_STEPS`) are timed, then ``steps`` is set by
+    :func:`plan_budget`; the warmup's LR does not depend on ``steps``, so the
+    cosine is the one of the final step count from the first step on.
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -607,7 +613,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         saved = TrainArgs(**state["args"])
         args = dataclasses.replace(saved, steps=args.steps, out_dir=args.out_dir, save_every=args.save_every,
                                    eval_every=args.eval_every, progress=args.progress, device=args.device,
-                                   time_limit=args.time_limit, fsdp=args.fsdp)
+                                   time_limit=args.time_limit, fsdp=args.fsdp,
+                                   budget_minutes=None)  # the saved run's budget was spent planning its steps
     args.validate()
     dist_ = setup_distributed(args.device)
     corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field,
