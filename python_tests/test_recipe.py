@@ -42,6 +42,9 @@ def test_budget_sets_the_steps_and_the_schedule_ends_at_them(tmp_path):
     assert [h["lr"] for h in result.history] == pytest.approx([1e-3 * schedule(i) for i in range(steps)], rel=1e-9)
     assert result.history[-1]["lr"] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + torch.cos(torch.tensor(
         torch.pi * (steps - 5) / (steps - 4))).item()), rel=1e-6)
+    # extending the run: the given steps count, the saved budget plans nothing
+    extended = T.train(dataclasses.replace(QUICK, steps=steps + 2), resume=str(result.checkpoint))
+    assert len(extended.history) == steps + 2
 
 
 def test_trainable_layers_train_only_the_top_blocks(tmp_path):
