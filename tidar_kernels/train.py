@@ -130,9 +130,10 @@ RECIPES = {
     # standard library's sources, with SmolLM2's tokenizer plus the added <|mask|> (id 49152).
     # GPU defaults (bf16 autocast is automatic on CUDA): 64 rows x 512 clean tokens (32 k clean,
     # 64 k model tokens per step); block 8, the draft length of the GPU target (T/NFE at k = 8).
-    # LR: TIDAR.md section 8 uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup over a
-    # multi-billion-token run; a budget run sees ~1000x fewer tokens, so the peak is 10x higher
-    # (1e-4) and the floor keeps the paper's 0.3 ratio. Steps: --budget-minutes (or --steps).
+    # LR: TIDAR.md section 8 uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup for a
+    # full continual pre-training; a minutes-long budget run sees orders of magnitude fewer tokens,
+    # so the peak is 10x higher (1e-4) and the floor keeps the paper's 0.3 ratio.
+    # Steps: --budget-minutes (or --steps).
     "smollm2-tidar": dict(init="smollm2", seq_len=512, block_size=8, batch_size=64, micro_batch_size=None,
                           lr=1e-4, min_lr=3e-5, warmup_steps=None, weight_decay=0.1, alpha=1.0, grad_clip=1.0,
                           steps=1000, eval_rows=32, eval_prompts=8, eval_prompt_len=64, eval_new_tokens=64),
