@@ -98,6 +98,12 @@ QUICK_TRITON_TESTS=(
   "$T/test_triton_attention.py::test_model_shapes[qwen1.5b-fp16-64]"
   "$T/test_triton_attention.py::test_decode_step_cuda_graph_replay_with_changing_lengths"
   "$T/test_triton_attention.py::test_torch_compile_fullgraph_over_triton_ops"
+  "$T/test_paged_kv.py::test_paged_triton_on_gpu[decode-k3-page16-bf16]"
+  "$T/test_paged_kv.py::test_paged_triton_on_gpu[prefill-P9-k2-page1-fp16]"
+  "$T/test_paged_kv.py::test_paged_triton_on_gpu_long_cache[page64]"
+  "$T/test_paged_kv.py::test_paged_decode_step_cuda_graph_replay_with_changing_tables"
+  "$T/test_paged_kv.py::test_paged_loops_on_gpu_match_contiguous"
+  "$T/test_paged_kv.py::test_paged_step_never_syncs"
 )
 QUICK_CUDA_TESTS=(
   "$T/test_cuda_decode_attention.py::test_extension_imports_and_registers_ops"
@@ -118,6 +124,7 @@ QUICK_CUDA_TESTS=(
   "$T/test_accept_drafts.py::test_cuda_inactive_and_strided_logits"
   "$T/test_accept_drafts.py::test_cuda_mixed_logit_dtypes"
   "$T/test_accept_drafts.py::test_cuda_nan_wins_like_torch_argmax"
+  "$T/test_accept_drafts.py::test_cuda_subnormal_logits_compare_exactly"
   "$T/test_accept_drafts.py::test_cuda_public_api_selects_cuda"
   "$T/test_accept_drafts.py::test_cuda_opcheck"
   "$T/test_accept_drafts.py::test_cuda_bad_input_raises_before_launch"
@@ -126,10 +133,13 @@ QUICK_CUDA_TESTS=(
   "$T/test_generate.py::test_bf16_agreement_rate"
   "$T/test_generate.py::test_step_never_syncs[greedy]"
   "$T/test_generate.py::test_step_never_syncs[sampled]"
+  "$T/test_hf_integration.py::test_cuda_generate_and_loss"
+  "$T/test_fsdp.py::test_fsdp_bf16_mixed_precision_on_cuda_trains_like_autocast"
 )
 # Every file with gpu-marked tests (python_tests/test_bench.py checks that none lies elsewhere).
-GPU_TEST_FILES=("$T/test_triton_attention.py" "$T/test_cuda_decode_attention.py" "$T/test_accept_drafts.py"
-                "$T/test_generate.py")
+# The Triton stage runs the first two (no extension needed); the CUDA stage, after the build, the rest.
+GPU_TEST_FILES=("$T/test_triton_attention.py" "$T/test_paged_kv.py" "$T/test_cuda_decode_attention.py"
+                "$T/test_accept_drafts.py" "$T/test_generate.py" "$T/test_hf_integration.py" "$T/test_fsdp.py")
 
 pytest_cmd() {  # pytest_cmd NAME WORKERS ARGS...: pytest with JUnit output and the slowest tests listed
   local name=$1 workers=$2
@@ -155,14 +165,14 @@ stage_command() {  # stage_command NAME: set CMD (argv) and LIMIT for the stage 
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-triton 6 "${QUICK_TRITON_TESTS[@]}"
       else
-        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[0]}"
+        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[@]:0:2}"
       fi ;;
     tests-cuda)
       LIMIT=$CUDA_TESTS_S
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-cuda 4 "${QUICK_CUDA_TESTS[@]}"
-      else  # the files holding the extension's and the decode loop's GPU tests, whole
-        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:1}"
+      else  # the files holding the extension's, the decode loop's and the integrations' GPU tests, whole
+        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:2}"
       fi ;;
     attention)
       LIMIT=$ATTENTION_S
