@@ -21,9 +21,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "b16.h"
 #include "emulation_api.h"
 #include "kernels.h"
 #include "tidar_mask.h"
+
+using tidar::emu::b16_to_float;
+using tidar::emu::float_to_b16;
 
 namespace {
 
@@ -41,30 +45,6 @@ struct Random {  // deterministic, platform independent
     return lo + (hi - lo) * static_cast<float>((state >> 40) & 0xFFFFFF) / 16777216.f;
   }
 };
-
-uint16_t to_bits(float x, bool bf16) {
-  uint16_t bits;
-  if (bf16) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&bits, &h, 2);
-  } else {
-    const __half h = __float2half_rn(x);
-    std::memcpy(&bits, &h, 2);
-  }
-  return bits;
-}
-
-float from_bits(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &wide, 4);
-    return f;
-  }
-  __half h;
-  std::memcpy(static_cast<void*>(&h), &bits, 2);
-  return __half2float(h);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention
@@ -91,7 +71,7 @@ void run_decode(const DecodeCase& c) {
   Random rng{static_cast<uint64_t>(d * 1000 + c.k * 10 + c.q_heads)};
   auto fill = [&](size_t count) {
     std::vector<uint16_t> v(count);
-    for (auto& x : v) x = to_bits(rng.uniform(-2.f, 2.f), c.bf16);
+    for (auto& x : v) x = float_to_b16(rng.uniform(-2.f, 2.f), c.bf16);
     return v;
   };
   std::vector<uint16_t> q = fill(static_cast<size_t>(batch) * steps * c.q_heads * d);
@@ -105,8 +85,8 @@ void run_decode(const DecodeCase& c) {
     for (int row = 0; row < c.lengths[b]; ++row)
       for (int h = 0; h < c.kv_heads; ++h)
         for (int i = 0; i < d; ++i) {
-          k_cache[cache_at(b, row, h) + i] = to_bits(rng.uniform(-2.f, 2.f), c.bf16);
-          v_cache[cache_at(b, row, h) + i] = to_bits(rng.uniform(-2.f, 2.f), c.bf16);
+          k_cache[cache_at(b, row, h) + i] = float_to_b16(rng.uniform(-2.f, 2.f), c.bf16);
+          v_cache[cache_at(b, row, h) + i] = float_to_b16(rng.uniform(-2.f, 2.f), c.bf16);
         }
   const std::vector<uint16_t> k_before = k_cache, v_before = v_cache;
   std::vector<int32_t> seqlens(c.lengths.begin(), c.lengths.end());
@@ -160,7 +140,7 @@ void run_decode(const DecodeCase& c) {
         std::vector<const uint16_t*> values;
         auto add_key = [&](const uint16_t* key, const uint16_t* value) {
           double dot = 0.0;
-          for (int i = 0; i < d; ++i) dot += static_cast<double>(from_bits(q[q_at + i], c.bf16)) * from_bits(key[i], c.bf16);
+          for (int i = 0; i < d; ++i) dot += static_cast<double>(b16_to_float(q[q_at + i], c.bf16)) * b16_to_float(key[i], c.bf16);
           scores.push_back(dot * p.scale);
           values.push_back(value);
         };
@@ -178,11 +158,11 @@ void run_decode(const DecodeCase& c) {
         for (int i = 0; i < d; ++i) {
           double want = 0.0;
           for (size_t j = 0; j < scores.size(); ++j) {
-            const double v = from_bits(values[j][i], c.bf16);
+            const double v = b16_to_float(values[j][i], c.bf16);
             want += scores[j] / total * v;
             v_max = std::max(v_max, std::fabs(v));
           }
-          const double got = from_bits(out[q_at + i], c.bf16);
+          const double got = b16_to_float(out[q_at + i], c.bf16);
           const double error = std::isnan(got) ? INFINITY : std::fabs(got - want);
           worst = std::max(worst, error);
           allowed = 4.0 * unit * v_max;
@@ -246,8 +226,8 @@ void run_accept(const AcceptCase& c) {
   std::vector<uint16_t> a16(wide ? 0 : count), b16(wide ? 0 : count);
   if (!wide)
     for (size_t i = 0; i < count; ++i) {
-      a16[i] = to_bits(a[i], bf16), b16[i] = to_bits(b[i], bf16);
-      a[i] = from_bits(a16[i], bf16), b[i] = from_bits(b16[i], bf16);
+      a16[i] = float_to_b16(a[i], bf16), b16[i] = float_to_b16(b[i], bf16);
+      a[i] = b16_to_float(a16[i], bf16), b[i] = b16_to_float(b16[i], bf16);
     }
   const float one_minus_beta = static_cast<float>(1.0 - static_cast<double>(c.beta));
   std::vector<int64_t> want_targets(static_cast<size_t>(c.batch) * c.k);

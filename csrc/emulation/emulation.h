@@ -50,6 +50,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "b16.h"
+
 namespace tidar {
 namespace emu {
 
@@ -255,18 +257,6 @@ inline void ldmatrix(uint32_t (&r)[kMatrices], uint32_t addr) {
     }
     r[m] = static_cast<uint32_t>(half[0]) | (static_cast<uint32_t>(half[1]) << 16);
   }
-}
-
-inline float b16_to_float(uint16_t bits, bool bf16) {
-  if (bf16) {
-    const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &wide, 4);
-    return f;
-  }
-  __half h;
-  std::memcpy(static_cast<void*>(&h), &bits, 2);
-  return __half2float(h);
 }
 
 inline uint16_t half_of(uint32_t word, int which) { return static_cast<uint16_t>(which ? word >> 16 : word); }

@@ -10,6 +10,8 @@
 
 #include "ptx.cuh"
 
+using tidar::emu::float_to_b16;
+
 namespace {
 
 int failures = 0;
@@ -83,18 +85,9 @@ struct MmaCase {
   bool bf16;
 };
 
-uint16_t to_bits(float x, bool bf16) {
-  uint16_t bits;
-  if (bf16) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::memcpy(&bits, &h, 2);
-  } else {
-    const __half h = __float2half_rn(x);
-    std::memcpy(&bits, &h, 2);
-  }
-  return bits;
+uint32_t pack(float lo, float hi, bool bf16) {
+  return float_to_b16(lo, bf16) | (static_cast<uint32_t>(float_to_b16(hi, bf16)) << 16);
 }
-uint32_t pack(float lo, float hi, bool bf16) { return to_bits(lo, bf16) | (static_cast<uint32_t>(to_bits(hi, bf16)) << 16); }
 
 template <bool kBF16>
 void mma_kernel(const MmaCase* in, Results* out) {
