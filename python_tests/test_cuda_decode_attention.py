@@ -297,11 +297,10 @@ def test_opcheck(dtype):
     torch.library.opcheck(op, (q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, 2, 0.125))
 
 
-@pytest.mark.gpu
-def test_bad_input_raises_before_any_write():
-    op = _op()
-    k = 2
-    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, k, (4, 2), 64, 40, [3, 30], torch.float16)
+def check_bad_decode_input_raises_before_any_write(op, step, k):
+    """The binding checks (csrc/bindings_common.h, shared by the cuda and cuda_emulated backends):
+    each bad argument raises a clear RuntimeError and the caches stay bit-identical."""
+    q, k_new, v_new, k_cache, v_cache, lengths = step
     k_before, v_before = k_cache.clone(), v_cache.clone()
     args = [q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, k, 0.125]
 
@@ -318,14 +317,23 @@ def test_bad_input_raises_before_any_write():
     call(1, k_new.bfloat16(), "k_new must have q's dtype")
     call(5, lengths.long(), "cache_seqlens must be a contiguous int32")
     call(3, k_cache[:, :, :1], "k_cache must be")
-    call(2, v_new.cpu(), "v_new must be a CUDA tensor")
     call(3, k_cache[:, :1].expand_as(k_cache), "k_cache must not overlap itself")
     call(4, k_cache, "k_cache and v_cache must not overlap in memory")
     call(0, q[:, :, :0], "q must have at least one head")
-    odd = torch.randn(2, k + k * k, 4, 96, device="cuda", dtype=torch.float16)
-    bad = [odd, odd[:, :, :2], odd[:, :, :2], torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16),
-           torch.zeros(2, 40, 2, 96, device="cuda", dtype=torch.float16), lengths, None, DECODE, k, 0.125]
+    call(9, 0.0, "scale must be > 0")
+    odd = torch.randn(2, k + k * k, 4, 96, dtype=q.dtype, device=q.device)
+    cache = torch.zeros(2, 40, 2, 96, dtype=q.dtype, device=q.device)
     with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
-        op(*bad)
-    torch.cuda.synchronize()
-    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+        op(odd, odd[:, :, :2], odd[:, :, :2], cache, cache.clone(), lengths, None, DECODE, k, 0.125)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    assert torch.equal(k_cache.view(torch.int16), k_before.view(torch.int16))
+    assert torch.equal(v_cache.view(torch.int16), v_before.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_bad_input_raises_before_any_write():
+    step = make_step(2, 2, (4, 2), 64, 40, [3, 30], torch.float16)
+    with pytest.raises(RuntimeError, match="v_new must be a CUDA tensor"):
+        _op()(*step[:2], step[2].cpu(), *step[3:], None, DECODE, 2, 0.125)
+    check_bad_decode_input_raises_before_any_write(_op(), step, 2)

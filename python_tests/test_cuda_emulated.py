@@ -20,7 +20,7 @@ from tidar_kernels.mask import Layout
 from tidar_kernels.testing import assert_close_by_rule, attention_bounds
 
 from test_accept_drafts import subnormal_case
-from test_cuda_decode_attention import check_cache_writes
+from test_cuda_decode_attention import check_bad_decode_input_raises_before_any_write, check_cache_writes
 
 DECODE = int(Layout.DECODE)
 
@@ -155,35 +155,7 @@ def test_opcheck():
 
 
 def test_bad_input_raises_before_any_write():
-    k = 2
-    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, k, (4, 2), 64, 40, [3, 30], FP16)
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    args = [q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, k, 0.125]
-
-    def call(index, value, match):
-        bad = list(args)
-        bad[index] = value
-        with pytest.raises(RuntimeError, match=match):
-            _op()(*bad)
-
-    call(7, int(Layout.PREFILL), "layout must be 3")
-    call(6, lengths, "context_lens must be None")
-    call(8, 3, r"q.shape\[1\] must be k \+ k\*k")
-    call(0, q.float(), "q must be float16 or bfloat16")
-    call(1, k_new.bfloat16(), "k_new must have q's dtype")
-    call(5, lengths.long(), "cache_seqlens must be a contiguous int32")
-    call(3, k_cache[:, :, :1], "k_cache must be")
-    call(3, k_cache[:, :1].expand_as(k_cache), "k_cache must not overlap itself")
-    call(4, k_cache, "k_cache and v_cache must not overlap in memory")
-    call(0, q[:, :, :0], "q must have at least one head")
-    call(9, 0.0, "scale must be > 0")
-    odd = torch.randn(2, k + k * k, 4, 96, dtype=FP16)
-    bad = [odd, odd[:, :, :2], odd[:, :, :2], torch.zeros(2, 40, 2, 96, dtype=FP16),
-           torch.zeros(2, 40, 2, 96, dtype=FP16), lengths, None, DECODE, k, 0.125]
-    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
-        _op()(*bad)
-    assert torch.equal(k_cache.view(torch.int16), k_before.view(torch.int16))
-    assert torch.equal(v_cache.view(torch.int16), v_before.view(torch.int16))
+    check_bad_decode_input_raises_before_any_write(_op(), make_step(2, 2, (4, 2), 64, 40, [3, 30], FP16), 2)
 
 
 # ================================================================================================
