@@ -2,23 +2,14 @@
 # Print ptxas' register / spill report for every kernel of csrc/*.cu and fail if
 # any of them spills (or uses a stack frame for spilling).
 #
-# Compiles each kernel file on its own with setup.py's nvcc flags (no torch
-# needed: the .cu files include only CUDA headers), for TIDAR_CUDA_ARCHS
-# (default "80;90a"). Output: one line per (kernel, arch). Exit 1 on spills.
+# Compiles each kernel file on its own with setup.py's nvcc flags
+# (scripts/nvcc_kernels.sh), for TIDAR_CUDA_ARCHS (default "80;90a").
+# Output: one line per (kernel, arch). Exit 1 on spills.
 # Usage: scripts/ptxas_report.sh [file.cu ...]      (CUDA_HOME defaults to /usr/local/cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
-ARCHS="${TIDAR_CUDA_ARCHS:-80;90a}"
-gencode=()
-IFS=';' read -ra arch_list <<<"$ARCHS"
-for arch in "${arch_list[@]}"; do
-  [ -n "$arch" ] && gencode+=(-gencode "arch=compute_${arch},code=sm_${arch}")
-done
-files=("$@")
-[ ${#files[@]} -eq 0 ] && files=(csrc/*.cu)
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+# shellcheck source=scripts/nvcc_kernels.sh
+. scripts/nvcc_kernels.sh "$@"
 
 status=0
 # Demangle the kernel names when c++filt is around.
@@ -26,8 +17,7 @@ demangle() { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }
 printf '%-7s %5s %6s %7s %7s  %s\n' arch regs stack spill_st spill_ld kernel
 for f in "${files[@]}"; do
   log="$tmp/$(basename "$f").log"
-  "$NVCC" -O3 -std=c++17 --use_fast_math -ftz=false -lineinfo --expt-relaxed-constexpr "${gencode[@]}" -Xptxas=-v \
-    -Icsrc -c "$f" -o "$tmp/out.o" >"$log" 2>&1 || { cat "$log"; echo "FAILED to compile $f"; exit 1; }
+  compile_kernels "$f" "$tmp/out.o" -Xptxas=-v >"$log" 2>&1 || { cat "$log"; echo "FAILED to compile $f"; exit 1; }
   # ptxas prints, per entry: "Compiling entry function 'NAME' for 'sm_XX'", then
   # "N bytes stack frame, S bytes spill stores, L bytes spill loads", then "Used R registers".
   set +e

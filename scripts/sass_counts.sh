@@ -9,7 +9,8 @@
 # Usage: scripts/sass_counts.sh [file.cu ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+# shellcheck source=scripts/nvcc_kernels.sh
+. scripts/nvcc_kernels.sh "$@"
 CUOBJDUMP="${CUOBJDUMP:-$(command -v cuobjdump || true)}"
 if [ -z "$CUOBJDUMP" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump" ]; then
   CUOBJDUMP="${CUDA_HOME:-/usr/local/cuda}/bin/cuobjdump"
@@ -17,19 +18,8 @@ fi
 if [ -z "$CUOBJDUMP" ]; then
   CUOBJDUMP="$(python -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))')"
 fi
-ARCHS="${TIDAR_CUDA_ARCHS:-80;90a}"
-gencode=()
-IFS=';' read -ra arch_list <<<"$ARCHS"
-for arch in "${arch_list[@]}"; do
-  [ -n "$arch" ] && gencode+=(-gencode "arch=compute_${arch},code=sm_${arch}")
-done
-files=("$@")
-[ ${#files[@]} -eq 0 ] && files=(csrc/*.cu)
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
 for f in "${files[@]}"; do
-  "$NVCC" -O3 -std=c++17 --use_fast_math -ftz=false -lineinfo --expt-relaxed-constexpr "${gencode[@]}" \
-    -Icsrc -c "$f" -o "$tmp/out.o"
+  compile_kernels "$f" "$tmp/out.o"
   # cuobjdump prints "arch = sm_XX", "Function : NAME", then lines "/*0040*/ OPCODE ... ;".
   "$CUOBJDUMP" -sass "$tmp/out.o" | awk '
     /arch = sm_/ { if (name != "") emit(); name = ""; arch = $3 }
