@@ -3,43 +3,25 @@
 // (python_tests/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt) must give the
 // same split count, so the C++ mirror of the model is checked without a GPU.
 #include <cstdio>
-#include <fstream>
 #include <sstream>
 #include <string>
 
+#include "case_file.h"
 #include "decode_attention_plan.h"
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s decode_plan_cases.txt\n", argv[0]);
-    return 2;
-  }
-  std::ifstream in(argv[1]);
-  if (!in) {
-    std::fprintf(stderr, "cannot open %s\n", argv[1]);
-    return 2;
-  }
-  int checked = 0, failed = 0;
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
+  using tidar_tests::CaseResult;
+  return tidar_tests::run_case_file(argc, argv, "test_decode_plan", [](std::istringstream& fields) {
     std::string kind, name;
     int sms, smem, batch, steps, draft_len, q_heads, kv_heads, head_dim, max_len, expected;
     fields >> kind >> name >> sms >> smem >> batch >> steps >> draft_len >> q_heads >> kv_heads >> head_dim >>
         max_len >> expected;
-    if (kind != "plan" || fields.fail()) {
-      std::fprintf(stderr, "malformed line: %s\n", line.c_str());
-      return 2;
-    }
-    for (char& c : name) c = c == '_' ? ' ' : c;
+    if (kind != "plan" || fields.fail()) return CaseResult::kMalformed;
+    for (char& c : name) c = c == '_' ? ' ' : c;  // device names are written with '_' for ' '
     const tidar::roofline::Device device = tidar::roofline::device_for(name.c_str(), sms, smem);
     const int got = tidar::decode_num_splits(batch, steps, draft_len, q_heads, kv_heads, head_dim, max_len, device);
-    ++checked;
-    if (got != expected) {
-      ++failed;
-      std::fprintf(stderr, "%s: C++ planner gives %d splits, Python's model %d\n", line.c_str(), got, expected);
-    }
-  }
-  std::printf("%d planner cases checked, %d failed\n", checked, failed);
-  return failed == 0 && checked > 0 ? 0 : 1;
+    if (got == expected) return CaseResult::kMatch;
+    std::fprintf(stderr, "C++ planner gives %d splits, Python's model %d\n", got, expected);
+    return CaseResult::kMismatch;
+  });
 }
