@@ -19,7 +19,8 @@ ARGS = ["--config", "tiny", "--max-chars", "100000", "--vocab-size", "320", "--s
 
 
 def _run(nproc: int, out: Path, extra: list) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints every thread's Python stack
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
     done = subprocess.run(launcher + ["-m", "tidar_kernels.train", *ARGS, "--out", str(out), *extra], env=env,

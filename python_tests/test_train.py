@@ -141,7 +141,8 @@ def _cli(tmp_path, name, extra):
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints every thread's Python stack
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "tidar_kernels.train"]
     two = subprocess.run(torchrun + _cli(tmp_path, "two", ["--micro-batch-size", "2"]), env=env, cwd=REPO,
