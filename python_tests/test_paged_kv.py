@@ -107,6 +107,16 @@ def test_paged_cuda_kernel_emulated(monkeypatch, case):
 
 
 @needs_emulated
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(page_size=st.sampled_from([1, 3, 16, 64, 128, MAX_PAGE_SIZE]), dtype=st.sampled_from([FP16, BF16]),
+       head_dim=st.sampled_from([64, 128]), group=st.sampled_from([1, 2, 3, 4, 6, 8]), draft_len=st.integers(1, 4),
+       lens=st.lists(st.integers(0, 150), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_paged_cuda_kernel_emulated_random_cases(page_size, dtype, head_dim, group, draft_len, lens, seed):
+    check_cached_call("cuda_emulated", Layout.DECODE, tuple(lens), (group, 1), dtype=dtype, draft_len=draft_len,
+                      page_size=page_size, head_dim=head_dim, seed=seed, exact_twin=True)
+
+
+@needs_emulated
 def test_paged_cuda_kernel_emulated_takes_a_strided_table():
     """A column-major block table (any strides without self-overlap) addresses the same pages."""
     draft_len, rows = 2, 6
