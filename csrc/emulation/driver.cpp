@@ -322,7 +322,7 @@ int main(int argc, char** argv) {
       {false, 64, 2, 4, 2, 160, 1, {150, 0}},      // 3 key tiles through both stages, a partial last
                                                    // tile, an empty sequence, GQA 2
       {true, 128, 3, 6, 2, 40, 1, {37}},           // cache filled to max_len, GQA 3
-      {false, 64, 2, 4, 2, 96, 2, {70, 9}, 16},    // paged: pages of 16, a split boundary at row 64
+      {false, 64, 2, 2, 1, 96, 2, {70, 9}, 16},    // paged: pages of 16, a split boundary at row 64, GQA 2
   };
   std::vector<AcceptCase> accept = {
       {tidar::LogitsType::kFloat16, 3, 4, 5000, 0.5f, "random"},
