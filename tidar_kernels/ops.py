@@ -9,7 +9,7 @@ Paged KV (flash-attn's ``flash_attn_with_kvcache`` convention): the cached ops t
 an optional ``block_table`` int32 ``[batch, max_pages_per_seq]``; the caches are
 then page pools ``[num_pages, page_size, kv_heads, head_dim]`` and token ``t`` of
 sequence ``b`` lives in page ``block_table[b, t // page_size]``, slot
-``t % page_size``. Each sequence's capacity is ``max_pages_per_seq * page_size``
+``t % page_size`` (page sizes 1 to 256). Each sequence's capacity is ``max_pages_per_seq * page_size``
 rows; only the table columns covering rows ``[0, n_b + rows)`` are read, and they
 must hold distinct pages in ``[0, num_pages)`` (checked with the lengths).
 

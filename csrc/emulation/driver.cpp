@@ -100,11 +100,13 @@ void run_decode(const DecodeCase& c) {
       (paged ? static_cast<size_t>(num_pages) * c.page_size : static_cast<size_t>(batch) * c.max_len) * c.kv_heads * d;
   const uint16_t nan_bits = c.bf16 ? 0x7FC0 : 0x7E00;
   std::vector<uint16_t> k_cache(cache_elems, nan_bits), v_cache(cache_elems, nan_bits);
-  auto cache_at = [&](int b, int row, int h) {
-    const size_t slot_row = paged ? static_cast<size_t>(block_table[static_cast<size_t>(b) * columns + row / c.page_size]) *
-                                            c.page_size + row % c.page_size
-                                  : static_cast<size_t>(b) * c.max_len + row;
-    return (slot_row * c.kv_heads + h) * d;
+  auto cache_at = [&](int b, int row, int h) {  // element offset of (sequence b, row, KV head h)
+    size_t pool_row = static_cast<size_t>(b) * c.max_len + row;
+    if (paged) {
+      const size_t page = block_table[static_cast<size_t>(b) * columns + row / c.page_size];
+      pool_row = page * c.page_size + row % c.page_size;
+    }
+    return (pool_row * c.kv_heads + h) * d;
   };
   for (int b = 0; b < batch; ++b)
     for (int row = 0; row < c.lengths[b]; ++row)
