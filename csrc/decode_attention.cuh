@@ -130,7 +130,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_st
 // Cost of the table: a thread copies one 16-byte chunk of each of its rows per tile (8 rows at
 // head dim 128, 4 at 64), so it looks the row's page up once per row and uses it for both the
 // K and the V copy. The 16 (or 8) lanes that copy the same row read the same table entry, so
-// a warp-wide read touches 2 (or 4) entries and hits L1 after the first tile. When page_size
+// a warp-wide read touches 2 (or 4) entries, which should stay in L1 (not measured yet). When page_size
 // is a multiple of kBlockN the tile lies inside one page (cache tiles start at multiples of
 // kBlockN), so the page is read and the slot divided once per tile, and the copies are
 // addressed like the contiguous ones. Smaller pages pay one division and one table read per
