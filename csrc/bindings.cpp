@@ -53,11 +53,11 @@ roofline::Device plan_device(const at::Tensor& on) {
 at::Tensor cached_attention_cuda(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                  const std::optional<at::Tensor>& context_lens, int64_t layout, int64_t block_size,
-                                 double scale) {
+                                 double scale, const std::optional<at::Tensor>& block_table) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor for the cuda backend, got device ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   auto launch = binding::prepare_decode(kCuda, q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                                        layout, block_size, scale, plan_device(q));
+                                        layout, block_size, scale, plan_device(q), block_table);
   if (launch.empty) return launch.out;
   binding::run_decode(q, launch.params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -27,6 +27,8 @@ namespace binding {
 constexpr int64_t kLayoutDecode = 3;  // tidar_kernels.mask.Layout.DECODE
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15); tidar_kernels.ops checks the same.
+constexpr int64_t kMaxPageSize = 256;
 // Tests only (docs/ENVIRONMENT.md): a fixed number of cache splits instead of the planner's.
 constexpr const char* kForceSplitsEnv = "TIDAR_FORCE_DECODE_SPLITS";
 
@@ -111,11 +113,38 @@ struct DecodeLaunch {
   bool empty = false;  // batch 0: nothing to launch
 };
 
+// Static checks of a block table [batch, max_pages_per_seq] (int32, on q's device, not overlapping
+// itself) and of the page pools it indexes; returns each sequence's capacity in rows,
+// max_pages_per_seq * page_size. Its values (pages in [0, num_pages), distinct) would need a
+// device sync: tidar_kernels.ops checks them on the host unless check_lengths=False.
+inline int64_t check_block_table(const Target& target, const at::Tensor& block_table, const at::Tensor& q,
+                                 const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch,
+                                 int64_t kv_heads, int64_t head_dim) {
+  check_device(target, "block_table", block_table, q);
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2,
+              "block_table must be an int32 tensor [batch, max_pages_per_seq], got ", block_table.scalar_type(), " ",
+              shape_of(block_table));
+  TORCH_CHECK(block_table.size(0) == batch && block_table.size(1) >= 1, "block_table must have shape [batch=", batch,
+              ", max_pages_per_seq >= 1], got ", shape_of(block_table));
+  check_no_self_overlap("block_table", block_table);  // an expanded table would share pages between sequences
+  for (const auto& [name, pool] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache},
+                                   std::pair<const char*, const at::Tensor&>{"v_cache", v_cache}}) {
+    TORCH_CHECK(pool.size(0) >= 1 && pool.size(1) >= 1 && pool.size(1) <= kMaxPageSize && pool.size(2) == kv_heads &&
+                    pool.size(3) == head_dim,
+                name, " must be a page pool [num_pages >= 1, page_size in [1, ", kMaxPageSize, "], kv_heads=", kv_heads,
+                ", head_dim=", head_dim, "] with block_table, got ", shape_of(pool));
+  }
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", shape_of(k_cache),
+              " (the same pages and page_size), got ", shape_of(v_cache));
+  return block_table.size(1) * k_cache.size(1);
+}
+
 inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, const at::Tensor& k_new,
                                    const at::Tensor& v_new, at::Tensor& k_cache, at::Tensor& v_cache,
                                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& context_lens,
                                    int64_t layout, int64_t block_size, double scale,
-                                   const roofline::Device& plan_device) {
+                                   const roofline::Device& plan_device,
+                                   const std::optional<at::Tensor>& block_table) {
   TORCH_CHECK(layout == kLayoutDecode, "layout must be ", kLayoutDecode, " (Layout.DECODE): the ", target.backend,
               " backend implements only the decode step, got ", layout);
   TORCH_CHECK(!context_lens.has_value(), "context_lens must be None for Layout.DECODE, got a tensor of shape ",
@@ -131,7 +160,7 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
   check_attention_tensor(target, "v_cache", v_cache, q);
 
   const int64_t batch = q.size(0), steps = q.size(1), q_heads = q.size(2), head_dim = q.size(3);
-  const int64_t kv_heads = k_new.size(2), max_len = k_cache.size(1);
+  const int64_t kv_heads = k_new.size(2);
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "q head_dim must be 64 or 128, got ", head_dim);
   TORCH_CHECK(block_size >= 1 && steps == block_size + block_size * block_size, "q.shape[1] must be k + k*k = ",
               block_size + block_size * block_size, " for block_size (draft length) k = ", block_size, ", got ",
@@ -146,8 +175,13 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
               shape_of(k_new));
   TORCH_CHECK(kv_heads >= 1 && q_heads % kv_heads == 0, "q heads (", q_heads,
               ") must be a multiple of k_new heads (", kv_heads, ") for GQA");
+  // Rows per sequence: the cache's max_len, or max_pages_per_seq * page_size through a block table.
+  const int64_t max_len = block_table.has_value()
+                              ? check_block_table(target, *block_table, q, k_cache, v_cache, batch, kv_heads, head_dim)
+                              : k_cache.size(1);
   for (const auto& [name, cache] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache},
                                     std::pair<const char*, const at::Tensor&>{"v_cache", v_cache}}) {
+    if (block_table.has_value()) break;  // page pools: checked with the table
     TORCH_CHECK(cache.size(0) == batch && cache.size(1) == max_len && cache.size(2) == kv_heads &&
                     cache.size(3) == head_dim,
                 name, " must be [batch=", batch, ", max_len=", max_len, ", kv_heads=", kv_heads,
@@ -160,7 +194,8 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
                 "k_cache and v_cache must not overlap in memory (the drafts' K and V writes would race): "
                 "k_cache spans bytes [", k_first, ", ", k_last, "], v_cache [", v_first, ", ", v_last, "]");
   }
-  TORCH_CHECK(max_len >= block_size, "k_cache max_len (", max_len, ") must hold the ", block_size, " drafts");
+  TORCH_CHECK(max_len >= block_size, block_table.has_value() ? "max_pages_per_seq * page_size (" : "k_cache max_len (",
+              max_len, ") must hold the ", block_size, " drafts");
   check_device(target, "cache_seqlens", cache_seqlens, q);
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                   cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
@@ -211,6 +246,12 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
   copy_strides(p.vnew_stride, v_new);
   copy_strides(p.kcache_stride, k_cache);
   copy_strides(p.vcache_stride, v_cache);
+  if (block_table.has_value()) {
+    p.block_table = block_table->data_ptr<int32_t>();
+    p.block_table_stride[0] = block_table->stride(0);
+    p.block_table_stride[1] = block_table->stride(1);
+    p.page_size = static_cast<int>(k_cache.size(1));
+  }
   return launch;
 }
 
@@ -323,7 +364,8 @@ inline AcceptLaunch prepare_accept(const Target& target, const at::Tensor& draft
 inline std::string decode_schema(const std::string& suffix) {
   return "cached_attention" + suffix +
          "(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-         "Tensor cache_seqlens, Tensor? context_lens, int layout, int block_size, float scale) -> Tensor";
+         "Tensor cache_seqlens, Tensor? context_lens, int layout, int block_size, float scale, "
+         "Tensor? block_table=None) -> Tensor";
 }
 inline std::string accept_schema(const std::string& suffix) {
   return "accept_drafts" + suffix +

@@ -19,6 +19,9 @@
 //     read [0, n_b), so nothing races with that write.
 //   * Each CTA writes a normalised fp32 partial output and its log2-sum-exp2;
 //     combine_kernel merges the num_splits + 1 partials of every row (LSE merge).
+//   * Paged caches (DecodeParams::block_table, kPaged): the cache splits read row t of
+//     sequence b from its page (load_paged_tiles) and the draft commit writes through the
+//     table; everything else is the contiguous kernel, which kPaged = false leaves unchanged.
 //
 // Inside a CTA (4 warps, each owns 16 rows): K/V tiles of 64 keys are streamed
 // through a two-stage cp.async pipeline in shared memory; S = Q K^T and O += P V
@@ -119,11 +122,63 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_st
   }
 }
 
+// Paged caches: the K and V rows [first, first + kBlockN) of one sequence (its block-table row
+// `pages`) into shared memory, rows at or past `end` zero-filled like load_tile. Row t lives
+// in slot t % page_size of page pages[t / page_size]; k_pool / v_pool point at the KV head
+// inside page 0.
+//
+// Cost of the table: a thread copies one 16-byte chunk of each of its rows per tile (8 rows at
+// head dim 128, 4 at 64), so it looks the row's page up once per row and uses it for both the
+// K and the V copy. The 16 (or 8) lanes that copy the same row read the same table entry, so
+// a warp-wide read touches 2 (or 4) entries, which should stay in L1 (not measured yet). When page_size
+// is a multiple of kBlockN the tile lies inside one page (cache tiles start at multiples of
+// kBlockN), so the page is read and the slot divided once per tile, and the copies are
+// addressed like the contiguous ones. Smaller pages pay one division and one table read per
+// row; a fast divider or a per-tile row map in shared memory would cut that if the paged
+// benchmark (issue 15) shows it matters.
+template <int kHeadDim, typename T>
+__device__ __forceinline__ void load_paged_tiles(T* k_smem, T* v_smem, const T* k_pool, const T* v_pool,
+                                                 const int32_t* pages, const DecodeParams& p, int first, int end) {
+  using S = Smem<kHeadDim>;
+  constexpr int kChunks = kBlockN * S::kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "whole chunks per thread");
+  const bool one_page = p.page_size % kBlockN == 0;  // uniform
+  int tile_page = 0, tile_slot = 0;
+  if (one_page) {
+    tile_page = pages[static_cast<int64_t>(first / p.page_size) * p.block_table_stride[1]];
+    tile_slot = first % p.page_size;
+  }
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int chunk = threadIdx.x + i * kThreads;
+    const int row = chunk / S::kChunksPerRow;
+    const int col = (chunk % S::kChunksPerRow) * 8;
+    const int t = first + row;
+    const bool valid = t < end;
+    const T* k_src = k_pool;
+    const T* v_src = v_pool;
+    if (valid) {
+      int page, slot;
+      if (one_page) {
+        page = tile_page;
+        slot = tile_slot + row;
+      } else {
+        page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];
+        slot = t % p.page_size;
+      }
+      k_src += page * p.kcache_stride[0] + slot * p.kcache_stride[1] + col;
+      v_src += page * p.vcache_stride[0] + slot * p.vcache_stride[1] + col;
+    }
+    cp_async_16(smem_addr(k_smem + row * S::kPitch + col), k_src, valid ? 16 : 0);
+    cp_async_16(smem_addr(v_smem + row * S::kPitch + col), v_src, valid ? 16 : 0);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The attention kernel
 // ---------------------------------------------------------------------------
 
-template <bool kIsBF16, int kHeadDim>
+template <bool kIsBF16, int kHeadDim, bool kPaged>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams p) {
   using T = typename Element<kIsBF16>::type;
   using S = Smem<kHeadDim>;
@@ -151,6 +206,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 
   int n = p.cache_seqlens[b];
   n = n < 0 ? 0 : (n > p.max_len ? p.max_len : n);
+  // Paged: this sequence's block-table row (unused by the contiguous kernel).
+  const int32_t* pages = kPaged ? p.block_table + b * p.block_table_stride[0] : nullptr;
 
   // Keys of this split: the local split walks the step's own keys [0, T) in
   // tiles of kBlockN, skipping tiles no row of this CTA sees; a cache split
@@ -209,16 +266,26 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   if (local && blockIdx.x == 0) {
     const T* kn = static_cast<const T*>(p.k_new) + b * p.knew_stride[0] + kv_head * p.knew_stride[2];
     const T* vn = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
-    T* kc = static_cast<T*>(p.k_cache) + b * p.kcache_stride[0] + kv_head * p.kcache_stride[2];
-    T* vc = static_cast<T*>(p.v_cache) + b * p.vcache_stride[0] + kv_head * p.vcache_stride[2];
+    // Paged: kc / vc point at the KV head inside page 0 of the pool.
+    T* kc = static_cast<T*>(p.k_cache) + (kPaged ? 0 : b * p.kcache_stride[0]) + kv_head * p.kcache_stride[2];
+    T* vc = static_cast<T*>(p.v_cache) + (kPaged ? 0 : b * p.vcache_stride[0]) + kv_head * p.vcache_stride[2];
     const int writable = min(p.draft_len, p.max_len - n);  // never past max_len
     for (int c = threadIdx.x; c < writable * S::kChunksPerRow; c += kThreads) {
       const int i = c / S::kChunksPerRow;
       const int col = (c % S::kChunksPerRow) * 8;
-      *reinterpret_cast<uint4*>(kc + (n + i) * p.kcache_stride[1] + col) =
-          *reinterpret_cast<const uint4*>(kn + i * p.knew_stride[1] + col);
-      *reinterpret_cast<uint4*>(vc + (n + i) * p.vcache_stride[1] + col) =
-          *reinterpret_cast<const uint4*>(vn + i * p.vnew_stride[1] + col);
+      int64_t k_row, v_row;  // element offsets of cache row n + i
+      if constexpr (kPaged) {
+        const int t = n + i;
+        const int page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];
+        const int slot = t % p.page_size;
+        k_row = page * p.kcache_stride[0] + slot * p.kcache_stride[1];
+        v_row = page * p.vcache_stride[0] + slot * p.vcache_stride[1];
+      } else {
+        k_row = (n + i) * p.kcache_stride[1];
+        v_row = (n + i) * p.vcache_stride[1];
+      }
+      *reinterpret_cast<uint4*>(kc + k_row + col) = *reinterpret_cast<const uint4*>(kn + i * p.knew_stride[1] + col);
+      *reinterpret_cast<uint4*>(vc + v_row + col) = *reinterpret_cast<const uint4*>(vn + i * p.vnew_stride[1] + col);
     }
   }
 
@@ -248,15 +315,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     v_src = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
     k_row_stride = p.knew_stride[1];
     v_row_stride = p.vnew_stride[1];
-  } else {
-    k_src = static_cast<const T*>(p.k_cache) + b * p.kcache_stride[0] + kv_head * p.kcache_stride[2];
-    v_src = static_cast<const T*>(p.v_cache) + b * p.vcache_stride[0] + kv_head * p.vcache_stride[2];
+  } else {  // paged: the KV head inside page 0 of the pool
+    k_src = static_cast<const T*>(p.k_cache) + (kPaged ? 0 : b * p.kcache_stride[0]) + kv_head * p.kcache_stride[2];
+    v_src = static_cast<const T*>(p.v_cache) + (kPaged ? 0 : b * p.vcache_stride[0]) + kv_head * p.vcache_stride[2];
     k_row_stride = p.kcache_stride[1];
     v_row_stride = p.vcache_stride[1];
   }
 
-  load_tile<kHeadDim>(k_smem, k_src, k_row_stride, tile, key_hi);
-  load_tile<kHeadDim>(v_smem, v_src, v_row_stride, tile, key_hi);
+  if (kPaged && !local) {
+    load_paged_tiles<kHeadDim>(k_smem, v_smem, k_src, v_src, pages, p, tile, key_hi);
+  } else {
+    load_tile<kHeadDim>(k_smem, k_src, k_row_stride, tile, key_hi);
+    load_tile<kHeadDim>(v_smem, v_src, v_row_stride, tile, key_hi);
+  }
   cp_async_commit();
 
   // Q fragments stay in registers for the whole key loop.
@@ -286,7 +357,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   for (int stage = 0; tile < key_hi; stage ^= 1) {
     // Prefetch the next tile with work into the other stage while this one is used.
     const int next = next_tile(tile + kBlockN);
-    if (next < key_hi) {
+    if (next < key_hi && kPaged && !local) {
+      load_paged_tiles<kHeadDim>(k_smem + (stage ^ 1) * S::kTileElems, v_smem + (stage ^ 1) * S::kTileElems, k_src,
+                                 v_src, pages, p, next, key_hi);
+    } else if (next < key_hi) {
       load_tile<kHeadDim>(k_smem + (stage ^ 1) * S::kTileElems, k_src, k_row_stride, next, key_hi);
       load_tile<kHeadDim>(v_smem + (stage ^ 1) * S::kTileElems, v_src, v_row_stride, next, key_hi);
     }
@@ -446,7 +520,8 @@ void launch(const DecodeParams& p, cudaStream_t stream) {
   const int rows = p.steps * (p.q_heads / p.kv_heads);
   const dim3 grid((rows + kBlockM - 1) / kBlockM, p.num_splits + 1, p.batch * p.kv_heads);
   constexpr int kSmem = Smem<kHeadDim>::kBytes;
-  auto kernel = decode_attention_kernel<kIsBF16, kHeadDim>;
+  auto kernel = p.block_table != nullptr ? decode_attention_kernel<kIsBF16, kHeadDim, true>
+                                         : decode_attention_kernel<kIsBF16, kHeadDim, false>;
   set_max_dynamic_smem(kernel, kSmem);
   launch_kernel(kernel, grid, dim3(kThreads), kSmem, stream, p);
   const int64_t part_rows = static_cast<int64_t>(p.batch) * p.steps * p.q_heads;

@@ -26,7 +26,8 @@ constexpr int kDecodeMaxLocalTiles = 64;
 
 struct DecodeParams {
   // q [batch, steps, q_heads, head_dim]; k_new / v_new [batch, steps, kv_heads, head_dim];
-  // k_cache / v_cache [batch, max_len, kv_heads, head_dim]; the last dim is contiguous.
+  // k_cache / v_cache [batch, max_len, kv_heads, head_dim] (or page pools, see block_table);
+  // the last dim is contiguous.
   const void* q;
   const void* k_new;
   const void* v_new;
@@ -51,6 +52,16 @@ struct DecodeParams {
   int max_len;
   int num_splits;  // cache splits; one more split holds the step-local keys
   float scale;     // softmax scale (natural-log domain)
+  // Paged caches (flash-attn's flash_attn_with_kvcache convention), or nullptr: contiguous caches.
+  // With a table, k_cache / v_cache are page pools [num_pages, page_size, kv_heads, head_dim]
+  // (kcache_stride[0] strides pages, kcache_stride[1] slots) and row t of sequence b is slot
+  // t % page_size of page block_table[b * block_table_stride[0] + (t / page_size) * block_table_stride[1]];
+  // max_len is then max_pages_per_seq * page_size. Only the entries of rows [0, n_b + k) are
+  // read; they must be distinct pages in [0, num_pages) (checked by the Python op).
+  // Appended last so the contiguous kernels' parameter offsets do not move.
+  const int32_t* block_table;
+  int64_t block_table_stride[2];  // batch, column (elements)
+  int page_size;
 };
 
 // Grid plan from static sizes only (CUDA-graph safe): decode_num_splits, decode_attention_plan.h.

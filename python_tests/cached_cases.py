@@ -100,7 +100,7 @@ def from_pages(pool, table):
 
 def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=torch.float32, draft_len: int = 1,
                       padded: int = 1, prompt_lens=None, poison: str = "nan", page_size: Optional[int] = None,
-                      head_dim: int = 16, seed: int = 0, device: str = "cpu") -> None:
+                      head_dim: int = 16, seed: int = 0, device: str = "cpu", exact_twin: bool = False) -> None:
     """One cached call of ``backend`` on a cache whose unused rows hold ``poison``, against fp64 math.
 
     Checks the output by the tolerance rule and the write contract: rows ``[n_b, n_b + W)``
@@ -109,6 +109,8 @@ def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=tor
     contiguous cache; both must meet the rule, the paged pool must read back as the
     contiguous cache after the call, and pages nobody owns stay untouched. Inputs are
     built on the CPU; ``device`` is where the op runs (results come back for the checks).
+    ``exact_twin``: the paged output must also equal the contiguous call's bit for bit (a
+    kernel whose split plan depends on sizes only, so both calls do the same arithmetic).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -153,8 +155,8 @@ def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=tor
         pools = [to_pages(c, table, num_pages, POISONS[poison]) for c in (k_cache, v_cache)]
         pools_before = [p.clone() for p in pools]
         device_pools = on(*pools)
-        out = call_op(layout, *step, *device_pools, lengths, draft_len, *on(context), backend,
-                      block_table=table.to(device)).cpu()
+        out = paged_out = call_op(layout, *step, *device_pools, lengths, draft_len, *on(context), backend,
+                                  block_table=table.to(device)).cpu()
         pools = [p.cpu() for p in device_pools]
         assert out.dtype == dtype and out.shape == q.shape
         assert_close_by_rule(out, hi, lo, bound, name=f"{backend} paged out")
@@ -177,3 +179,5 @@ def check_cached_call(backend: str, layout: Layout, cache_lens, heads, dtype=tor
         torch.testing.assert_close(cache, want, rtol=0, atol=0, equal_nan=True,
                                    msg=f"{name}: rows [n, n+W) must hold the new rows, all others unchanged")
     assert lengths.tolist() == list(cache_lens)  # the ops never commit
+    if page_size is not None and exact_twin:
+        assert torch.equal(paged_out, out), f"{backend}: paged output differs from the contiguous call's"

@@ -4,9 +4,11 @@ Every backend that takes a paged CPU call (the reference; Triton under
 ``TRITON_INTERPRET=1``) runs each cached op on shuffled pages of sizes 1, 3, 16 and
 64 and must return what the contiguous cache gives (tolerance rule against fp64
 math), write exactly the new rows through the table and leave every other row and
-page (NaN-poisoned) untouched; see :func:`cached_cases.check_cached_call`. Bad tables
-raise before anything is written; the loops on a paged cache emit the contiguous
-loops' tokens.
+page (NaN-poisoned) untouched; see :func:`cached_cases.check_cached_call`. The CUDA
+kernel's decode step gets the same checks on the CPU through the ``cuda_emulated``
+backend (pages 1, 3, 16, 64, 128; fp16 and bf16; head dims 64 and 128; GQA), its
+paged output bit-identical to the contiguous call's. Bad tables raise before anything
+is written; the loops on a paged cache emit the contiguous loops' tokens.
 """
 import pytest
 import torch
@@ -19,10 +21,12 @@ from single_thread import one_thread  # noqa: F401 (autouse fixture)
 import tidar_kernels as tk
 from tidar_kernels import backends
 from tidar_kernels.backends import reference
+from tidar_kernels.backends.cuda_kernels import kernels_support
 from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.kv_cache import KVCache, PagedKVCache
 from tidar_kernels.mask import Layout
 from tidar_kernels.model import Transformer, TransformerConfig
+from tidar_kernels.ops import MAX_PAGE_SIZE
 
 PAGED_BACKENDS = cpu_cached_backends(paged=True)
 PAGE_SIZES = [1, 3, 16, 64]
@@ -74,6 +78,121 @@ def test_reference_reading_the_whole_capacity_ignores_garbage(monkeypatch):
 
 
 # ----------------------------------------------------------------------------
+# The CUDA kernel's decode step on pages, on the CPU (cuda_emulated backend)
+# ----------------------------------------------------------------------------
+
+needs_emulated = pytest.mark.skipif(backends.load("cuda_emulated") is None,
+                                    reason="the emulated extension tidar_kernels._C_emulated is not built")
+FP16, BF16 = torch.float16, torch.bfloat16
+KERNEL_CASES = {
+    # id: (page_size, dtype, head_dim, (q_heads, kv_heads), draft_len, cache lengths, forced cache splits)
+    "page1-fp16-d64-gqa2": (1, FP16, 64, (4, 2), 3, (0, 5, 70), None),
+    "page3-bf16-d128-gqa3-3splits": (3, BF16, 128, (6, 2), 2, (130, 1), 3),  # splits start mid-page
+    "page16-bf16-d64-gqa8": (16, BF16, 64, (8, 1), 4, (100, 0), None),
+    "page64-fp16-d128-mha-3splits": (64, FP16, 128, (2, 2), 2, (150, 61), 3),  # a key tile = one page
+    "page128-bf16-d64-gqa4": (128, BF16, 64, (4, 1), 1, (200, 3), None),  # two key tiles per page
+}
+
+
+@needs_emulated
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_paged_cuda_kernel_emulated(monkeypatch, case):
+    """Paged == contiguous (bit for bit: same kernel, same split plan), drafts written through the
+    table into exactly their slots, every other row and page untouched."""
+    page_size, dtype, head_dim, heads, draft_len, lens, splits = KERNEL_CASES[case]
+    if splits is not None:
+        monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(splits))
+    check_cached_call("cuda_emulated", Layout.DECODE, lens, heads, dtype=dtype, draft_len=draft_len,
+                      page_size=page_size, head_dim=head_dim, seed=page_size, exact_twin=True)
+
+
+@needs_emulated
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(page_size=st.sampled_from([1, 3, 16, 64, 128, MAX_PAGE_SIZE]), dtype=st.sampled_from([FP16, BF16]),
+       head_dim=st.sampled_from([64, 128]), group=st.sampled_from([1, 2, 3, 4, 6, 8]), draft_len=st.integers(1, 4),
+       lens=st.lists(st.integers(0, 150), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_paged_cuda_kernel_emulated_random_cases(page_size, dtype, head_dim, group, draft_len, lens, seed):
+    check_cached_call("cuda_emulated", Layout.DECODE, tuple(lens), (group, 1), dtype=dtype, draft_len=draft_len,
+                      page_size=page_size, head_dim=head_dim, seed=seed, exact_twin=True)
+
+
+@needs_emulated
+def test_paged_cuda_kernel_emulated_takes_a_strided_table():
+    """A column-major block table (any strides without self-overlap) addresses the same pages."""
+    draft_len, rows = 2, 6
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, rows, 2, 64, generator=gen).half()
+    k_new, v_new = (torch.randn(2, rows, 1, 64, generator=gen).half() for _ in range(2))
+    pools = [torch.randn(7, 16, 1, 64, generator=gen).half() for _ in range(2)]
+    lengths = torch.tensor([20, 33], dtype=torch.int32)
+    row_major = table([[5, 0, 3], [1, 6, 2]])
+    column_major = row_major.t().contiguous().t()
+    assert column_major.stride() == (1, 2)
+    outs, after = [], []
+    for block_table in (row_major, column_major):
+        k_pool, v_pool = (p.clone() for p in pools)
+        outs.append(tk.decode_attention(q, k_new, v_new, k_pool, v_pool, lengths, draft_len, backend="cuda_emulated",
+                                        block_table=block_table))
+        after.append((k_pool, v_pool))
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+
+
+def check_bad_paged_kernel_input_raises_before_any_write(op, device):
+    """The binding's block-table checks (csrc/bindings_common.h, shared by cuda and cuda_emulated),
+    called on the op itself (the public ops check first): each raises naming the argument, and
+    the pools stay bit-identical."""
+    draft_len, rows = 2, 6
+    q = torch.randn(2, rows, 4, 64, dtype=torch.float16, device=device)
+    k_new, v_new = (torch.randn(2, rows, 2, 64, dtype=torch.float16, device=device) for _ in range(2))
+    k_pool, v_pool = (torch.randn(6, 4, 2, 64, dtype=torch.float16, device=device) for _ in range(2))
+    before = [k_pool.clone(), v_pool.clone()]
+    lengths = torch.tensor([3, 5], dtype=torch.int32, device=device)
+    good = torch.tensor([[4, 0, -1], [2, 5, 1]], dtype=torch.int32, device=device)
+    args = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_pool, v_cache=v_pool, cache_seqlens=lengths,
+                context_lens=None, layout=int(Layout.DECODE), block_size=draft_len, scale=0.125, block_table=good)
+
+    def call(match, **override):
+        with pytest.raises(RuntimeError, match=match):
+            op(**{**args, **override})
+
+    if device != "cpu":  # (a meta table among CPU tensors would dispatch to the fake)
+        call("block_table must be a CUDA tensor", block_table=good.cpu())
+    call("block_table must be an int32 tensor", block_table=good.long())
+    call("block_table must be an int32 tensor", block_table=good.flatten())
+    call(r"block_table must have shape \[batch=2", block_table=good[:1])
+    call(r"max_pages_per_seq >= 1\], got \[2, 0\]", block_table=good[:, :0])
+    call("block_table must not overlap itself", block_table=good[:1].expand(2, 3))
+    big = torch.zeros(2, MAX_PAGE_SIZE + 1, 2, 64, dtype=torch.float16, device=device)
+    call(r"k_cache must be a page pool \[num_pages >= 1, page_size in \[1, 256\]", k_cache=big, v_cache=big.clone())
+    call("k_cache must be a page pool", k_cache=k_pool[:, :, :1])
+    call("v_cache must have k_cache's shape", v_cache=torch.zeros(6, 5, 2, 64, dtype=torch.float16, device=device))
+    tiny = torch.zeros(6, 1, 2, 64, dtype=torch.float16, device=device)
+    call(r"max_pages_per_seq \* page_size \(1\) must hold the 2 drafts", k_cache=tiny, v_cache=tiny.clone(),
+         block_table=good[:, :1])
+    if device != "cpu":
+        torch.cuda.synchronize()
+    assert torch.equal(k_pool.view(torch.int16), before[0].view(torch.int16))
+    assert torch.equal(v_pool.view(torch.int16), before[1].view(torch.int16))
+    op(**args)  # the unmodified call runs
+
+
+@needs_emulated
+def test_bad_paged_kernel_input_raises_before_any_write():
+    check_bad_paged_kernel_input_raises_before_any_write(torch.ops.tidar.cached_attention_cuda_emulated.default, "cpu")
+
+
+@needs_emulated
+def test_opcheck_paged_kernel_emulated():
+    gen = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(2, 2, 2, 64, generator=gen).bfloat16(), torch.randn(2, 2, 1, 64, generator=gen).bfloat16()
+    pools = [torch.randn(5, 3, 1, 64, generator=gen).bfloat16() for _ in range(2)]
+    args = (q, kv, kv, *pools, torch.tensor([2, 4], dtype=torch.int32), None, int(Layout.DECODE), 1, 0.125,
+            table([[3, 0, -1], [1, 4, 2]]))
+    torch.library.opcheck(torch.ops.tidar.cached_attention_cuda_emulated.default, args)
+
+
+# ----------------------------------------------------------------------------
 # Bad input: a clear error before anything is written
 # ----------------------------------------------------------------------------
 
@@ -109,6 +228,8 @@ BAD_TABLES = {
     "pool-page-size": (dict(v_cache=torch.randn(6, PAGE + 1, 2, 8)), "v_cache must have k_cache's shape"),
     "pool-rank": (dict(v_cache=torch.randn(6 * PAGE, 2, 8)), r"v_cache must be a 4-d tensor \[num_pages"),
     "table-not-tensor": (dict(block_table=[[4, 0], [2, 5]]), "block_table must be an int32 tensor"),
+    "page-size-over-256": (dict(k_cache=torch.randn(2, MAX_PAGE_SIZE + 1, 2, 8),
+                                v_cache=torch.randn(2, MAX_PAGE_SIZE + 1, 2, 8)), r"page_size in \[1, 256\]"),
 }
 
 
@@ -194,18 +315,13 @@ def test_which_backends_take_paged_calls():
                          paged=True)
     assert backends.select(call, None).name == "reference"
     assert "reference" in PAGED_BACKENDS and ("triton" in PAGED_BACKENDS) == INTERPRET
-    cuda = backends.load("cuda")
-    if cuda is not None:  # the CUDA kernel addresses contiguous caches only: it declines, selection falls back
-        gpu_call = call._replace(device=torch.device("cuda"), dtype=torch.float16, head_dim=128)
-        assert not cuda.supports(gpu_call)
-        with pytest.raises(ValueError, match="paged True"):
-            backends.select(gpu_call, "cuda")
+    kernel_call = call._replace(dtype=torch.float16, head_dim=128)
+    assert kernels_support(kernel_call)  # the CUDA kernel reads and writes through the table (cuda, cuda_emulated)
+    assert not kernels_support(kernel_call._replace(layout=int(Layout.CAUSAL)))  # the decode step only
     emulated = backends.load("cuda_emulated")
-    if emulated is not None:  # the same kernels on the CPU decline the same calls
-        cpu_call = call._replace(dtype=torch.float16, head_dim=128)
-        assert emulated.supports(cpu_call._replace(paged=False)) and not emulated.supports(cpu_call)
-        with pytest.raises(ValueError, match="paged True"):
-            backends.select(cpu_call, "cuda_emulated")
+    if emulated is not None:
+        assert backends.select(kernel_call, "cuda_emulated") is emulated
+        assert backends.select(kernel_call, None).name == "reference"  # never picked automatically
 
 
 # ----------------------------------------------------------------------------
@@ -246,6 +362,13 @@ def test_pool_bad_sizes(name):
     sizes[name] = 0
     with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
         PagedKVCache(**sizes)
+
+
+def test_pool_page_size_up_to_256():
+    assert PagedKVCache(n_layers=1, batch=1, max_len=8, n_kv_heads=1, head_dim=4, page_size=MAX_PAGE_SIZE).page_size \
+        == MAX_PAGE_SIZE
+    with pytest.raises(ValueError, match="page_size must be <= 256, got 257"):
+        PagedKVCache(n_layers=1, batch=1, max_len=8, n_kv_heads=1, head_dim=4, page_size=MAX_PAGE_SIZE + 1)
 
 
 class PagedCacheMachine(RuleBasedStateMachine):
@@ -463,9 +586,42 @@ def test_paged_triton_on_gpu_long_cache(page_size):
 
 
 @pytest.mark.gpu
-@needs_compiler
-def test_paged_decode_step_cuda_graph_replay_with_changing_tables():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_paged_cuda_kernel_on_gpu(case, dtype):
+    """The emulated cases on the hardware, at head dim 128 and in both dtypes."""
+    if backends.load("cuda") is None:
+        pytest.skip("the CUDA extension tidar_kernels._C is not built")
+    page_size, _, _, heads, draft_len, lens, _ = KERNEL_CASES[case]
+    check_cached_call("cuda", Layout.DECODE, lens, heads, dtype=dtype, draft_len=draft_len, page_size=page_size,
+                      head_dim=128, seed=page_size, device="cuda", exact_twin=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16, 64, 256], ids=lambda p: f"page{p}")
+def test_paged_cuda_kernel_on_gpu_long_cache(page_size):
+    """Model-sized heads and a long cache: the planner's split count over pages."""
+    if backends.load("cuda") is None:
+        pytest.skip("the CUDA extension tidar_kernels._C is not built")
+    check_cached_call("cuda", Layout.DECODE, (3000, 1, 700), (12, 2), dtype=torch.bfloat16, draft_len=8,
+                      page_size=page_size, head_dim=128, device="cuda", exact_twin=True)
+
+
+@pytest.mark.gpu
+def test_bad_paged_kernel_input_raises_before_any_write_on_gpu():
+    if backends.load("cuda") is None:
+        pytest.skip("the CUDA extension tidar_kernels._C is not built")
+    check_bad_paged_kernel_input_raises_before_any_write(torch.ops.tidar.cached_attention_cuda.default, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_paged_decode_step_cuda_graph_replay_with_changing_tables(backend):
     """A captured paged step replays what an eager call does for new lengths and new page tables."""
+    if backend == "triton" and INTERPRET:
+        pytest.skip("needs the Triton compiler: run without TRITON_INTERPRET")
+    if backends.load(backend) is None:
+        pytest.skip(f"the {backend} backend does not load here")
     draft_len, batch, (q_heads, kv_heads), head_dim, page_size, columns = 4, 3, (12, 2), 128, 16, 80
     rows, dtype, device = draft_len + draft_len * draft_len, torch.bfloat16, "cuda"
     q = torch.randn(batch, rows, q_heads, head_dim, device=device, dtype=dtype)
@@ -476,7 +632,7 @@ def test_paged_decode_step_cuda_graph_replay_with_changing_tables():
     seqlens = torch.tensor([5, 0, 900], dtype=torch.int32, device=device)
 
     def step(k_pool, v_pool):
-        return tk.decode_attention(q, k_new, v_new, k_pool, v_pool, seqlens, draft_len, backend="triton",
+        return tk.decode_attention(q, k_new, v_new, k_pool, v_pool, seqlens, draft_len, backend=backend,
                                    check_lengths=False, block_table=block_table)
 
     stream = torch.cuda.Stream()

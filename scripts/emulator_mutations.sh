@@ -7,6 +7,7 @@
 #   v_not_transposed   ldmatrix without .trans for the V fragments                       (wrong output)
 #   key_bound_past_end a tile loads keys up to and including its end bound         (NaN row read)
 #   output_row_swap    the output store writes a thread's two rows swapped               (wrong output)
+#   paged_wrong_page   a paged tile reads every row from the page of its first row       (wrong output)
 # The unmutated sources must pass the same build first (CHECK_CLEAN=0 skips that when the caller
 # has just run them under the sanitizers). Exit 1 if any fault goes unnoticed.
 # Usage: scripts/emulator_mutations.sh [fault ...]   (default: all)
@@ -24,8 +25,9 @@ declare -A faults=(
   [output_row_swap]="plain|decode_attention.cuh|    const int r = row0 + warp * 16 + quad_row + 8 * h;
     if (r >= rows) continue;|    const int r = row0 + warp * 16 + quad_row + 8 * (1 - h);
     if (r >= rows) continue;"
+  [paged_wrong_page]="plain|decode_attention.cuh|        page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];|        page = pages[static_cast<int64_t>(first / p.page_size) * p.block_table_stride[1]];"
 )
-order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap)
+order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap paged_wrong_page)
 [ $# -gt 0 ] && order=("$@")
 
 mutate() {  # file, original, replacement -> exactly one occurrence replaced

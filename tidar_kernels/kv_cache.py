@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops import MAX_PAGE_SIZE
+
 
 def _check_sizes(**sizes) -> None:
     for name, value in sizes.items():
@@ -123,6 +125,8 @@ class PagedKVCache(_Lengths):
                  num_pages: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None):
         _check_sizes(n_layers=n_layers, batch=batch, max_len=max_len, n_kv_heads=n_kv_heads, head_dim=head_dim,
                      page_size=page_size)
+        if page_size > MAX_PAGE_SIZE:  # what the paged ops accept
+            raise ValueError(f"page_size must be <= {MAX_PAGE_SIZE}, got {page_size}")
         pages_per_seq = -(-max_len // page_size)
         if num_pages is None:  # enough for every sequence at full length: never runs short
             num_pages = batch * pages_per_seq

@@ -9,7 +9,7 @@ Paged KV (flash-attn's ``flash_attn_with_kvcache`` convention): the cached ops t
 an optional ``block_table`` int32 ``[batch, max_pages_per_seq]``; the caches are
 then page pools ``[num_pages, page_size, kv_heads, head_dim]`` and token ``t`` of
 sequence ``b`` lives in page ``block_table[b, t // page_size]``, slot
-``t % page_size``. Each sequence's capacity is ``max_pages_per_seq * page_size``
+``t % page_size`` (page sizes 1 to 256). Each sequence's capacity is ``max_pages_per_seq * page_size``
 rows; only the table columns covering rows ``[0, n_b + rows)`` are read, and they
 must hold distinct pages in ``[0, num_pages)`` (checked with the lengths).
 
@@ -27,6 +27,8 @@ import torch
 from . import backends
 from .backends import Call
 from .mask import Layout, check_training_shape
+
+MAX_PAGE_SIZE = 256  # paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -141,7 +143,7 @@ def _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layo
     call = Call(backends.CACHED_ATTENTION, q.device, q.dtype, q.shape[-1], int(layout), paged=paged)
     chosen = backends.select(call, backend)
     args = (q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, int(layout), block_size, scale)
-    # Only backends that declare paged support ever see the table (the CUDA op's schema has none).
+    # Only backends that declare paged support ever see the table.
     return chosen.cached_attention(*args, block_table=block_table) if paged else chosen.cached_attention(*args)
 
 
@@ -253,8 +255,9 @@ def _check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table=
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor {dims}")
-        if paged and (cache.shape[0] < 1 or cache.shape[1] < 1 or cache.shape[2:] != (kv_heads, head_dim)):
-            raise ValueError(f"{name} must be [num_pages >= 1, page_size >= 1, kv_heads={kv_heads}, "
+        if paged and (cache.shape[0] < 1 or not 1 <= cache.shape[1] <= MAX_PAGE_SIZE
+                      or cache.shape[2:] != (kv_heads, head_dim)):
+            raise ValueError(f"{name} must be [num_pages >= 1, page_size in [1, {MAX_PAGE_SIZE}], kv_heads={kv_heads}, "
                              f"head_dim={head_dim}] with block_table, got {tuple(cache.shape)}")
         if not paged and (cache.shape[0] != batch or cache.shape[2:] != (kv_heads, head_dim)):
             raise ValueError(f"{name} must be [batch={batch}, max_len, kv_heads={kv_heads}, head_dim={head_dim}], "

@@ -30,9 +30,10 @@ at::Tensor cached_attention_cuda_emulated(const at::Tensor& q, const at::Tensor&
                                           at::Tensor& k_cache, at::Tensor& v_cache,
                                           const at::Tensor& cache_seqlens,
                                           const std::optional<at::Tensor>& context_lens, int64_t layout,
-                                          int64_t block_size, double scale) {
+                                          int64_t block_size, double scale,
+                                          const std::optional<at::Tensor>& block_table) {
   auto launch = binding::prepare_decode(kEmulated, q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                                        layout, block_size, scale, roofline::kH100);
+                                        layout, block_size, scale, roofline::kH100, block_table);
   if (launch.empty) return launch.out;
   binding::run_decode(q, launch.params, nullptr);
   check_launch();

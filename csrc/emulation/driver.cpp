@@ -8,13 +8,18 @@
 //
 // Buffers are heap blocks of exactly the tensor's size, so a read one row past a tensor is
 // an AddressSanitizer report; unused cache rows hold NaN so a read of one poisons the output.
+// Paged cases keep the cache in a pool of shuffled pages (plus spare pages nobody owns, NaN)
+// addressed through a block table of exactly [batch, max_len / page_size] entries, so a wrong
+// page, slot or table column reads NaN, writes the wrong bytes, or leaves the heap block.
 // Tolerance of the attention output: the kernel rounds probabilities and the output to the
 // element type (unit roundoff u = 2^-11 fp16, 2^-8 bf16) and keeps everything else in fp32, so
 // |out - exact| <= (u for P + u for the output + fp32 terms) * max|v| < 4 u max|v|.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -54,14 +59,18 @@ struct DecodeCase {
   bool bf16;
   int head_dim, k, q_heads, kv_heads, max_len, splits;
   std::vector<int> lengths;
+  int page_size = 0;  // > 0: a paged cache (max_len a multiple of it), else contiguous
 };
+
+constexpr int kSparePages = 2;  // pages of a paged pool that no sequence owns
 
 std::string describe(const DecodeCase& c) {
   std::string lengths;
   for (int n : c.lengths) lengths += (lengths.empty() ? "" : ",") + std::to_string(n);
   return std::string("decode ") + (c.bf16 ? "bf16" : "fp16") + " d" + std::to_string(c.head_dim) + " k" +
          std::to_string(c.k) + " heads " + std::to_string(c.q_heads) + "/" + std::to_string(c.kv_heads) + " n [" +
-         lengths + "] max_len " + std::to_string(c.max_len) + " splits " + std::to_string(c.splits);
+         lengths + "] max_len " + std::to_string(c.max_len) + " splits " + std::to_string(c.splits) +
+         (c.page_size > 0 ? " page " + std::to_string(c.page_size) : "");
 }
 
 void run_decode(const DecodeCase& c) {
@@ -77,10 +86,28 @@ void run_decode(const DecodeCase& c) {
   std::vector<uint16_t> q = fill(static_cast<size_t>(batch) * steps * c.q_heads * d);
   std::vector<uint16_t> k_new = fill(static_cast<size_t>(batch) * steps * c.kv_heads * d);
   std::vector<uint16_t> v_new = fill(k_new.size());
-  const size_t cache_elems = static_cast<size_t>(batch) * c.max_len * c.kv_heads * d;
+  // Contiguous: [batch, max_len, kv_heads, d]. Paged: a pool [num_pages, page_size, kv_heads, d]
+  // whose pages are dealt to the sequences in a shuffled order through block_table.
+  const bool paged = c.page_size > 0;
+  const int columns = paged ? c.max_len / c.page_size : 0;
+  const int num_pages = paged ? batch * columns + kSparePages : 0;
+  std::vector<int32_t> pages(num_pages);
+  std::iota(pages.begin(), pages.end(), 0);
+  for (size_t i = pages.size(); i > 1; --i)  // Fisher-Yates: the spares land anywhere in the pool
+    std::swap(pages[i - 1], pages[static_cast<size_t>(rng.uniform(0.f, 1.f) * i) % i]);
+  const std::vector<int32_t> block_table(pages.begin(), pages.begin() + static_cast<size_t>(batch) * columns);
+  const size_t cache_elems =
+      (paged ? static_cast<size_t>(num_pages) * c.page_size : static_cast<size_t>(batch) * c.max_len) * c.kv_heads * d;
   const uint16_t nan_bits = c.bf16 ? 0x7FC0 : 0x7E00;
   std::vector<uint16_t> k_cache(cache_elems, nan_bits), v_cache(cache_elems, nan_bits);
-  auto cache_at = [&](int b, int row, int h) { return ((static_cast<size_t>(b) * c.max_len + row) * c.kv_heads + h) * d; };
+  auto cache_at = [&](int b, int row, int h) {  // element offset of (sequence b, row, KV head h)
+    size_t pool_row = static_cast<size_t>(b) * c.max_len + row;
+    if (paged) {
+      const size_t page = block_table[static_cast<size_t>(b) * columns + row / c.page_size];
+      pool_row = page * c.page_size + row % c.page_size;
+    }
+    return (pool_row * c.kv_heads + h) * d;
+  };
   for (int b = 0; b < batch; ++b)
     for (int row = 0; row < c.lengths[b]; ++row)
       for (int h = 0; h < c.kv_heads; ++h)
@@ -106,7 +133,7 @@ void run_decode(const DecodeCase& c) {
   p.lse_partial = lse_partial.data();
   const int64_t q_strides[3] = {static_cast<int64_t>(steps) * c.q_heads * d, static_cast<int64_t>(c.q_heads) * d, d};
   const int64_t kv_strides[3] = {static_cast<int64_t>(steps) * c.kv_heads * d, static_cast<int64_t>(c.kv_heads) * d, d};
-  const int64_t cache_strides[3] = {static_cast<int64_t>(c.max_len) * c.kv_heads * d,
+  const int64_t cache_strides[3] = {static_cast<int64_t>(paged ? c.page_size : c.max_len) * c.kv_heads * d,
                                     static_cast<int64_t>(c.kv_heads) * d, d};
   for (int i = 0; i < 3; ++i) {
     p.q_stride[i] = q_strides[i];
@@ -121,6 +148,12 @@ void run_decode(const DecodeCase& c) {
   p.max_len = c.max_len;
   p.num_splits = c.splits;
   p.scale = 1.f / std::sqrt(static_cast<float>(d));
+  if (paged) {
+    p.block_table = block_table.data();
+    p.block_table_stride[0] = columns;
+    p.block_table_stride[1] = 1;
+    p.page_size = c.page_size;
+  }
   if (c.bf16 && d == 64) tidar::run_decode_attention<true, 64>(p, nullptr);
   else if (c.bf16) tidar::run_decode_attention<true, 128>(p, nullptr);
   else if (d == 64) tidar::run_decode_attention<false, 64>(p, nullptr);
@@ -174,20 +207,18 @@ void run_decode(const DecodeCase& c) {
           }
         }
       }
-  // The drafts' K/V at [n, n + k) (never past max_len); every other byte unchanged.
+  // The drafts' K/V at rows [n, n + k) (never past max_len; paged: through the table); every
+  // other byte unchanged, spare pages included.
+  std::vector<uint16_t> k_want = k_before, v_want = v_before;
   for (int b = 0; b < batch; ++b)
-    for (int row = 0; row < c.max_len; ++row)
+    for (int i = 0; i < c.k && c.lengths[b] + i < c.max_len; ++i)
       for (int h = 0; h < c.kv_heads; ++h) {
-        const int i = row - c.lengths[b];
-        const bool written = i >= 0 && i < c.k;
-        const size_t at = cache_at(b, row, h);
+        const size_t at = cache_at(b, c.lengths[b] + i, h);
         const size_t src = ((static_cast<size_t>(b) * steps + i) * c.kv_heads + h) * d;
-        for (int e = 0; e < d; ++e) {
-          const uint16_t want_k = written ? k_new[src + e] : k_before[at + e];
-          const uint16_t want_v = written ? v_new[src + e] : v_before[at + e];
-          if (k_cache[at + e] != want_k || v_cache[at + e] != want_v) return report(name, "cache rows differ");
-        }
+        std::memcpy(&k_want[at], &k_new[src], d * sizeof(uint16_t));
+        std::memcpy(&v_want[at], &v_new[src], d * sizeof(uint16_t));
       }
+  if (k_cache != k_want || v_cache != v_want) return report(name, "cache rows differ");
   std::printf("ok  %s (max error %.3g)\n", name.c_str(), worst);
 }
 
@@ -293,6 +324,7 @@ int main(int argc, char** argv) {
       {false, 64, 2, 4, 2, 160, 1, {150, 0}},      // 3 key tiles through both stages, a partial last
                                                    // tile, an empty sequence, GQA 2
       {true, 128, 3, 6, 2, 40, 1, {37}},           // cache filled to max_len, GQA 3
+      {false, 64, 2, 2, 1, 96, 2, {70, 9}, 16},    // paged: pages of 16, a split boundary at row 64, GQA 2
   };
   std::vector<AcceptCase> accept = {
       {tidar::LogitsType::kFloat16, 3, 4, 5000, 0.5f, "random"},
@@ -301,6 +333,9 @@ int main(int argc, char** argv) {
   if (!quick) {
     decode.push_back({false, 128, 1, 8, 1, 140, 3, {130, 5}});  // k = 1, GQA 8, three splits
     decode.push_back({true, 64, 4, 4, 4, 90, 7, {81}});         // seven splits, most empty
+    decode.push_back({true, 128, 3, 6, 2, 39, 1, {36}, 3});     // paged, pages of 3, filled to capacity
+    decode.push_back({false, 64, 1, 2, 1, 130, 3, {129, 0}, 1});  // paged, SGLang's page size 1, three splits
+    decode.push_back({true, 64, 2, 4, 1, 256, 2, {200, 62}, 128});  // paged, two key tiles per page
     accept.push_back({tidar::LogitsType::kBFloat16, 2, 5, 4100, 0.f, "ties"});
     accept.push_back({tidar::LogitsType::kFloat32, 2, 3, 700, 1.f, "nan"});
   }

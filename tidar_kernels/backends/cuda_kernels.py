@@ -21,13 +21,12 @@ HEAD_DIMS = (64, 128)
 def kernels_support(call: Call) -> bool:
     """Whether the kernels implement ``call`` (whatever the device).
 
-    The decode step in fp16/bf16 at head dim 64 or 128 over a contiguous cache (paged
-    caches are declined: the kernel addresses ``[batch, max_len]`` rows, so selection
-    falls back to Triton or the reference), and greedy accept with fp16/bf16/fp32 logits.
+    The decode step in fp16/bf16 at head dim 64 or 128 over a contiguous cache or, with a
+    ``block_table``, a paged one (the kernel reads and writes cache rows through the table),
+    and greedy accept with fp16/bf16/fp32 logits.
     """
     if call.op == CACHED_ATTENTION:
-        return (not call.paged and call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS
-                and call.layout == int(Layout.DECODE))
+        return call.dtype in ATTENTION_DTYPES and call.head_dim in HEAD_DIMS and call.layout == int(Layout.DECODE)
     if call.op == ACCEPT_DRAFTS:
         return call.dtype in LOGITS_DTYPES
     return False
@@ -37,7 +36,8 @@ def register_fakes(suffix: str) -> None:
     """Fake implementations of ``tidar::cached_attention_<suffix>`` and ``tidar::accept_drafts_<suffix>``."""
 
     @torch.library.register_fake(f"tidar::cached_attention_{suffix}")
-    def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale):
+    def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale,
+          block_table=None):
         return q.new_empty(q.shape)  # contiguous, like the kernel's output
 
     @torch.library.register_fake(f"tidar::accept_drafts_{suffix}")
