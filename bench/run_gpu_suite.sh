@@ -101,7 +101,7 @@ QUICK_TRITON_TESTS=(
   "$T/test_paged_kv.py::test_paged_triton_on_gpu[decode-k3-page16-bf16]"
   "$T/test_paged_kv.py::test_paged_triton_on_gpu[prefill-P9-k2-page1-fp16]"
   "$T/test_paged_kv.py::test_paged_triton_on_gpu_long_cache[page64]"
-  "$T/test_paged_kv.py::test_paged_decode_step_cuda_graph_replay_with_changing_tables"
+  "$T/test_paged_kv.py::test_paged_decode_step_cuda_graph_replay_with_changing_tables[triton]"
   "$T/test_paged_kv.py::test_paged_loops_on_gpu_match_contiguous"
   "$T/test_paged_kv.py::test_paged_step_never_syncs"
 )
@@ -117,6 +117,10 @@ QUICK_CUDA_TESTS=(
   "$T/test_cuda_decode_attention.py::test_cuda_graph_replay_with_commit_over_many_steps"
   "$T/test_cuda_decode_attention.py::test_opcheck[bf16]"
   "$T/test_cuda_decode_attention.py::test_bad_input_raises_before_any_write"
+  "$T/test_paged_kv.py::test_paged_cuda_kernel_on_gpu[page3-bf16-d128-gqa3-3splits-bf16]"
+  "$T/test_paged_kv.py::test_paged_cuda_kernel_on_gpu_long_cache[page16]"
+  "$T/test_paged_kv.py::test_bad_paged_kernel_input_raises_before_any_write_on_gpu"
+  "$T/test_paged_kv.py::test_paged_decode_step_cuda_graph_replay_with_changing_tables[cuda]"
   "$T/test_accept_drafts.py::test_cuda_matches_twin[beta0.5-B16-k16-V152064-fp16]"
   "$T/test_accept_drafts.py::test_cuda_matches_twin[beta0.5-B16-k16-V152064-bf16]"
   "$T/test_accept_drafts.py::test_cuda_matches_twin[beta0.3-B3-k4-V32001-odd-fp32]"
@@ -137,7 +141,8 @@ QUICK_CUDA_TESTS=(
   "$T/test_fsdp.py::test_fsdp_bf16_mixed_precision_on_cuda_trains_like_autocast"
 )
 # Every file with gpu-marked tests (python_tests/test_bench.py checks that none lies elsewhere).
-# The Triton stage runs the first two (no extension needed); the CUDA stage, after the build, the rest.
+# The Triton stage runs the first (no extension needed); the CUDA stage, after the build, the rest
+# (test_paged_kv.py holds the paged CUDA kernel's GPU tests besides the Triton ones).
 GPU_TEST_FILES=("$T/test_triton_attention.py" "$T/test_paged_kv.py" "$T/test_cuda_decode_attention.py"
                 "$T/test_accept_drafts.py" "$T/test_generate.py" "$T/test_hf_integration.py" "$T/test_fsdp.py")
 
@@ -165,14 +170,14 @@ stage_command() {  # stage_command NAME: set CMD (argv) and LIMIT for the stage 
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-triton 6 "${QUICK_TRITON_TESTS[@]}"
       else
-        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[@]:0:2}"
+        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[@]:0:1}"
       fi ;;
     tests-cuda)
       LIMIT=$CUDA_TESTS_S
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-cuda 4 "${QUICK_CUDA_TESTS[@]}"
       else  # the files holding the extension's, the decode loop's and the integrations' GPU tests, whole
-        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:2}"
+        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:1}"
       fi ;;
     attention)
       LIMIT=$ATTENTION_S
