@@ -7,6 +7,8 @@
 #   v_not_transposed   ldmatrix without .trans for the V fragments                       (wrong output)
 #   key_bound_past_end a tile loads keys up to and including its end bound         (NaN row read)
 #   output_row_swap    the output store writes a thread's two rows swapped               (wrong output)
+#   partial_pair_swap  the 16-bit partial store packs a thread's two columns swapped     (wrong output)
+#   merge_word_swap    the merge's 64-bit partial load (head dim 128) swaps its words    (wrong output)
 # The unmutated sources must pass the same build first (CHECK_CLEAN=0 skips that when the caller
 # has just run them under the sanitizers). Exit 1 if any fault goes unnoticed.
 # Usage: scripts/emulator_mutations.sh [fault ...]   (default: all)
@@ -24,8 +26,11 @@ declare -A faults=(
   [output_row_swap]="plain|decode_attention.cuh|    const int r = row0 + warp * 16 + quad_row + 8 * h;
     if (r >= rows) continue;|    const int r = row0 + warp * 16 + quad_row + 8 * (1 - h);
     if (r >= rows) continue;"
+  [partial_pair_swap]="plain|decode_attention.cuh|pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv)|pack(o_acc[i][2 * h + 1] * inv, o_acc[i][2 * h] * inv)"
+  [merge_word_swap]="plain|decode_attention.cuh|pairs[0] = bits.x, pairs[1] = bits.y;|pairs[0] = bits.y, pairs[1] = bits.x;"
 )
-order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap)
+order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap partial_pair_swap
+       merge_word_swap)
 [ $# -gt 0 ] && order=("$@")
 
 mutate() {  # file, original, replacement -> exactly one occurrence replaced
