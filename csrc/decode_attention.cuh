@@ -415,13 +415,14 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 // each lane 2 or 4 contiguous dims (one 32- or 64-bit access per split), summed in fp32.
 // ---------------------------------------------------------------------------
 
-// kPerLane contiguous 16-bit elements at src (4- or 8-byte aligned) as kPerLane / 2 packed pairs.
+// kPerLane contiguous 16-bit elements at src (4- or 8-byte aligned) as kPerLane / 2 packed pairs,
+// in one 32- or 64-bit access (a 64-bit integer: nvcc 13.0 splits a uint2 store into two).
 template <int kPerLane>
 __device__ __forceinline__ void load_pairs(uint32_t (&pairs)[kPerLane / 2], const void* src) {
   static_assert(kPerLane == 2 || kPerLane == 4, "head dim 64 or 128");
   if constexpr (kPerLane == 4) {
-    const uint2 bits = *static_cast<const uint2*>(src);
-    pairs[0] = bits.x, pairs[1] = bits.y;
+    const uint64_t bits = *static_cast<const uint64_t*>(src);
+    pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);
   } else {
     pairs[0] = *static_cast<const uint32_t*>(src);
   }

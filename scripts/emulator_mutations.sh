@@ -27,7 +27,7 @@ declare -A faults=(
     if (r >= rows) continue;|    const int r = row0 + warp * 16 + quad_row + 8 * (1 - h);
     if (r >= rows) continue;"
   [partial_pair_swap]="plain|decode_attention.cuh|pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv)|pack(o_acc[i][2 * h + 1] * inv, o_acc[i][2 * h] * inv)"
-  [merge_word_swap]="plain|decode_attention.cuh|pairs[0] = bits.x, pairs[1] = bits.y;|pairs[0] = bits.y, pairs[1] = bits.x;"
+  [merge_word_swap]="plain|decode_attention.cuh|pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);|pairs[1] = static_cast<uint32_t>(bits), pairs[0] = static_cast<uint32_t>(bits >> 32);"
 )
 order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap partial_pair_swap
        merge_word_swap)
