@@ -191,8 +191,9 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
     least time under :func:`tidar_kernels.roofline.estimate`: memory-bound steps split
     until the SMs are busy, compute-bound ones only while idle SMs cost more than the
     partials' traffic (in the input dtype), and prefer partials within the step's ideal
-    bytes when that costs at most ``roofline.PARTIAL_SLACK`` of modelled time. Chunks are sized from the real lengths inside the kernel, so
-    the work stays balanced for any ``cache_seqlens``.
+    bytes when that costs at most ``roofline.PARTIAL_SLACK`` of modelled time. Chunks are
+    sized from the real lengths inside the kernel, so the work stays balanced for any
+    ``cache_seqlens``.
 
     bf16, head dim 128, Triton 3.9 (``scripts/triton_codegen_report.py``; untimed): on
     sm_90a 64-row tiles with 8 warps use 220-232 registers and 112 KiB of shared memory,
