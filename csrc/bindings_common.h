@@ -228,10 +228,9 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
                             : decode_num_splits(p.batch, p.steps, p.draft_len, p.q_heads, p.kv_heads,
                                                 static_cast<int>(head_dim), p.max_len, plan_device);
   p.scale = static_cast<float>(scale);
-  // fp32 partial outputs of the num_splits cache splits and the step-local split.
-  auto fopts = q.options().dtype(at::kFloat);
-  launch.out_partial = at::empty({p.num_splits + 1, batch, steps, q_heads, head_dim}, fopts);
-  launch.lse_partial = at::empty({p.num_splits + 1, batch, steps, q_heads}, fopts);
+  // Partial outputs (q's dtype) and fp32 log2-sum-exp2 of the num_splits cache splits and the step-local split.
+  launch.out_partial = at::empty({p.num_splits + 1, batch, steps, q_heads, head_dim}, q.options());
+  launch.lse_partial = at::empty({p.num_splits + 1, batch, steps, q_heads}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr();
   p.k_new = k_new.data_ptr();
   p.v_new = v_new.data_ptr();
@@ -239,7 +238,7 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
   p.v_cache = v_cache.data_ptr();
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.out = launch.out.data_ptr();
-  p.out_partial = launch.out_partial.data_ptr<float>();
+  p.out_partial = launch.out_partial.data_ptr();
   p.lse_partial = launch.lse_partial.data_ptr<float>();
   copy_strides(p.q_stride, q);
   copy_strides(p.knew_stride, k_new);

@@ -17,8 +17,13 @@
 //     takes the step-local keys (k_new / v_new) with the TiDAR mask and also
 //     writes the drafts' K/V into the cache at [n_b, n_b + k). Cache splits only
 //     read [0, n_b), so nothing races with that write.
-//   * Each CTA writes a normalised fp32 partial output and its log2-sum-exp2;
-//     combine_kernel merges the num_splits + 1 partials of every row (LSE merge).
+//   * Each CTA writes a normalised partial output in the element type (fp16/bf16,
+//     two values per 32-bit store) and its fp32 log2-sum-exp2; combine_kernel
+//     merges the num_splits + 1 partials of every row (LSE merge, fp32 sums).
+//     Normalised, a partial is a convex combination of V rows: its rounding errs by
+//     u |P_s||V| / l_s, one more u |P||V| after the merge (the tolerance rule's
+//     "split partials stored in the kernel dtype", tidar_kernels/testing.py), and it
+//     cannot overflow; half the bytes of fp32 partials (the planner counts them so).
 //   * Paged caches (DecodeParams::block_table, kPaged): the cache splits read row t of
 //     sequence b from its page (load_paged_tiles) and the draft commit writes through the
 //     table; everything else is the contiguous kernel, which kPaged = false leaves unchanged.
@@ -69,9 +74,12 @@ struct Element {
     memcpy(&bits, &pair, sizeof(bits));
     return bits;
   }
-  __device__ static type from_float(float x) {
-    if constexpr (kIsBF16) return __float2bfloat16_rn(x);
-    else return __float2half_rn(x);
+  // The inverse of pack (exact: every fp16/bf16 value is an fp32 value).
+  __device__ static float2 unpack(uint32_t bits) {
+    std::conditional_t<kIsBF16, __nv_bfloat162, __half2> pair;
+    memcpy(&pair, &bits, sizeof(bits));
+    if constexpr (kIsBF16) return __bfloat1622float2(pair);
+    else return __half22float2(pair);
   }
 };
 
@@ -467,17 +475,39 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       continue;
     }
     const float inv = 1.f / sum;
-    float* out = p.out_partial + idx * kHeadDim;
+    T* out = static_cast<T*>(p.out_partial) + idx * kHeadDim;
 #pragma unroll
     for (int i = 0; i < kDTiles; ++i)
-      *reinterpret_cast<float2*>(out + i * 8 + quad_col) = make_float2(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out + i * 8 + quad_col) =
+          Element<kIsBF16>::pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv);
     if (lane % 4 == 0) p.lse_partial[idx] = row_max[h] + __log2f(sum);
   }
 }
 
 // ---------------------------------------------------------------------------
-// LSE merge of the num_splits + 1 partials of every (b, t, q_head) row: one warp per row
+// LSE merge of the num_splits + 1 partials of every (b, t, q_head) row: one warp per row,
+// each lane 2 or 4 contiguous dims (one 32- or 64-bit access per split), summed in fp32.
 // ---------------------------------------------------------------------------
+
+// kPerLane contiguous 16-bit elements at src (4- or 8-byte aligned) as kPerLane / 2 packed pairs,
+// in one 32- or 64-bit access (a 64-bit integer: nvcc 13.0 splits a uint2 store into two).
+template <int kPerLane>
+__device__ __forceinline__ void load_pairs(uint32_t (&pairs)[kPerLane / 2], const void* src) {
+  static_assert(kPerLane == 2 || kPerLane == 4, "head dim 64 or 128");
+  if constexpr (kPerLane == 4) {
+    const uint64_t bits = *static_cast<const uint64_t*>(src);
+    pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);
+  } else {
+    pairs[0] = *static_cast<const uint32_t*>(src);
+  }
+}
+
+template <int kPerLane>
+__device__ __forceinline__ void store_pairs(void* dst, const uint32_t (&pairs)[kPerLane / 2]) {
+  static_assert(kPerLane == 2 || kPerLane == 4, "head dim 64 or 128");
+  if constexpr (kPerLane == 4) *static_cast<uint64_t*>(dst) = static_cast<uint64_t>(pairs[1]) << 32 | pairs[0];
+  else *static_cast<uint32_t*>(dst) = pairs[0];
+}
 
 template <bool kIsBF16, int kHeadDim>
 __global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
@@ -499,20 +529,21 @@ __global__ void __launch_bounds__(128) combine_kernel(const DecodeParams p) {
     if (lse == kNegInf) continue;  // empty split: its partial output was never written
     const float w = ex2_approx(lse - lse_max);
     weight_sum += w;
-    const float* src = p.out_partial + (s * part_rows + row) * kHeadDim + lane * kPerLane;
-    if constexpr (kPerLane == 4) {
-      const float4 v = *reinterpret_cast<const float4*>(src);
-      acc[0] += w * v.x, acc[1] += w * v.y, acc[2] += w * v.z, acc[3] += w * v.w;
-    } else {
-      const float2 v = *reinterpret_cast<const float2*>(src);
-      acc[0] += w * v.x, acc[1] += w * v.y;
+    uint32_t pairs[kPerLane / 2];
+    load_pairs<kPerLane>(pairs, static_cast<const T*>(p.out_partial) + (s * part_rows + row) * kHeadDim +
+                                    lane * kPerLane);
+#pragma unroll
+    for (int i = 0; i < kPerLane / 2; ++i) {
+      const float2 v = Element<kIsBF16>::unpack(pairs[i]);
+      acc[2 * i] += w * v.x, acc[2 * i + 1] += w * v.y;
     }
   }
   // The local split always sees d_0, so weight_sum > 0 for every row.
   const float inv = 1.f / weight_sum;
-  T* dst = static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane;
+  uint32_t out_pairs[kPerLane / 2];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) dst[i] = Element<kIsBF16>::from_float(acc[i] * inv);
+  for (int i = 0; i < kPerLane / 2; ++i) out_pairs[i] = Element<kIsBF16>::pack(acc[2 * i] * inv, acc[2 * i + 1] * inv);
+  store_pairs<kPerLane>(static_cast<T*>(p.out) + row * kHeadDim + lane * kPerLane, out_pairs);
 }
 
 template <bool kIsBF16, int kHeadDim>

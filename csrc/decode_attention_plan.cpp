@@ -8,9 +8,10 @@ int decode_num_splits(int batch, int steps, int draft_len, int q_heads, int kv_h
   // Every split gets at least 4 key tiles of the longest possible cache; at most 32 splits.
   constexpr int kMaxSplits = 32;
   constexpr int kMinKeysPerSplit = 4 * kDecodeBlockN;
-  const roofline::CachedStep step{batch, steps, q_heads, kv_heads, head_dim, max_len, draft_len, 2};
-  const roofline::CachedKernel kernel{kDecodeBlockM, kDecodeThreads / 32, decode_smem_bytes(head_dim), true};
-  return roofline::plan_splits(step, kernel, device, kMaxSplits, kMinKeysPerSplit);
+  const roofline::CachedStep step{batch, steps, q_heads, kv_heads, head_dim, max_len, draft_len, kDecodeElemBytes};
+  const roofline::CachedKernel kernel{kDecodeBlockM, kDecodeThreads / 32, decode_smem_bytes(head_dim), true,
+                                      kDecodeElemBytes};
+  return roofline::plan_splits(step, kernel, device, kMaxSplits, kMinKeysPerSplit, roofline::kPartialSlack);
 }
 
 }  // namespace tidar

@@ -35,9 +35,9 @@ struct DecodeParams {
   void* v_cache;
   const int32_t* cache_seqlens;  // [batch], committed lengths n_b (device)
   void* out;                     // [batch, steps, q_heads, head_dim], contiguous
-  // Workspace, fp32: partial outputs [num_splits + 1, batch, steps, q_heads, head_dim]
-  // and their log2-sum-exp2 [num_splits + 1, batch, steps, q_heads].
-  float* out_partial;
+  // Workspace: partial outputs [num_splits + 1, batch, steps, q_heads, head_dim] in q's dtype
+  // and their fp32 log2-sum-exp2 [num_splits + 1, batch, steps, q_heads].
+  void* out_partial;
   float* lse_partial;
   int64_t q_stride[3];      // batch, step, head
   int64_t knew_stride[3];

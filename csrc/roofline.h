@@ -17,12 +17,18 @@ constexpr int kRegistersPerThread = 256;  // the 255-register cap, ptxas' worst 
 constexpr int kSmemReservedPerCta = 1024;
 constexpr int kMaxCtasPerSm = 32;
 constexpr int kFp32Bytes = 4;
+// On a compute-bound step, the fastest plan whose split partials move no more than the step's
+// ideal bytes is taken when modelled at most this factor slower than the fastest plan: the
+// mirror of PARTIAL_SLACK in tidar_kernels/roofline.py, where the reason for 1.25 is given.
+constexpr double kPartialSlack = 1.25;
 
 struct Device {
   double tensor_flops;     // dense fp16/bf16 tensor-core FLOP/s
   double hbm_bytes_per_s;  // HBM bandwidth
   int sm_count;
   int smem_per_sm;  // bytes of shared memory an SM gives its resident CTAs
+
+  double ridge() const { return tensor_flops / hbm_bytes_per_s; }  // FLOP per byte: compute-bound above
 };
 
 inline constexpr Device kH100{989e12, 3.35e12, 132, 228 * 1024};
@@ -57,6 +63,7 @@ struct CachedStep {
   int batch, num_rows, q_heads, kv_heads, head_dim, max_len, rows_written, elem_bytes;
 
   int packed_rows() const { return num_rows * (q_heads / kv_heads); }
+  double flops() const { return 4.0 * batch * q_heads * num_rows * max_len * head_dim; }
   double padded_flops(int block_m) const {
     const long long tiles = (packed_rows() + block_m - 1) / block_m;
     return 4.0 * batch * kv_heads * tiles * block_m * (static_cast<long long>(max_len) + num_rows) * head_dim;
@@ -66,16 +73,22 @@ struct CachedStep {
                            2LL * rows_written * kv_heads;
     return static_cast<double>(static_cast<long long>(elem_bytes) * batch * head_dim * rows);
   }
-  double partial_bytes(int partials) const {
-    return 2.0 * kFp32Bytes * partials * batch * kv_heads * packed_rows() * (head_dim + 1);
+  // Partial outputs (partial_elem_bytes per element) and fp32 log-sum-exps, written and read.
+  double partial_bytes(int partials, int partial_elem_bytes) const {
+    return 2.0 * partials * batch * kv_heads * packed_rows() * (partial_elem_bytes * head_dim + kFp32Bytes);
   }
 };
+
+inline bool compute_bound(const CachedStep& step, const Device& device) {
+  return step.flops() / step.ideal_bytes() > device.ridge();
+}
 
 struct CachedKernel {
   int block_m;
   int warps;
   int smem_bytes;
-  bool local_split;  // step-local keys in an extra split; every split writes partials
+  bool local_split;        // step-local keys in an extra split; every split writes partials
+  int partial_elem_bytes;  // bytes per element of the partial outputs
 };
 
 struct Estimate {
@@ -88,7 +101,7 @@ inline Estimate estimate(const CachedStep& step, const CachedKernel& kernel, int
   const long long tiles = (step.packed_rows() + kernel.block_m - 1) / kernel.block_m;
   const long long ctas = static_cast<long long>(splits) * tiles * step.batch * step.kv_heads;
   const int partials = kernel.local_split ? splits + 1 : (splits > 1 ? splits : 0);
-  const double partial = step.partial_bytes(partials);
+  const double partial = step.partial_bytes(partials, kernel.partial_elem_bytes);
   const double used = utilisation(device, ctas, kernel.warps, kernel.smem_bytes);
   const double compute = step.padded_flops(kernel.block_m) / (device.tensor_flops * used);
   const double memory = (step.ideal_bytes() + partial / 2) / (device.hbm_bytes_per_s * used);
@@ -97,17 +110,23 @@ inline Estimate estimate(const CachedStep& step, const CachedKernel& kernel, int
   return Estimate{main + merge, partial, ctas};
 }
 
-// Splits of least modelled time for one kernel (ties: fewer splits), each split
-// getting at least min_keys_per_split rows of a full cache.
+// Splits of least modelled time for one kernel (ties: fewer splits), each split getting at
+// least min_keys_per_split rows of a full cache; on a compute-bound step, the fastest split
+// count whose partials move at most the step's ideal bytes instead when its time is within
+// partial_slack (>= 1) of the least.
 inline int plan_splits(const CachedStep& step, const CachedKernel& kernel, const Device& device, int max_splits,
-                       int min_keys_per_split) {
+                       int min_keys_per_split, double partial_slack) {
   const int most = std::max(1, std::min(max_splits, step.max_len / min_keys_per_split));
-  int best = 1;
-  double best_seconds = estimate(step, kernel, 1, device).seconds;
-  for (int splits = 2; splits <= most; ++splits) {
-    const double seconds = estimate(step, kernel, splits, device).seconds;
-    if (seconds < best_seconds) best = splits, best_seconds = seconds;
+  int best = 0, lean = 0;  // 0: none yet
+  double best_seconds = 0, lean_seconds = 0;
+  for (int splits = 1; splits <= most; ++splits) {
+    const Estimate guess = estimate(step, kernel, splits, device);
+    if (best == 0 || guess.seconds < best_seconds) best = splits, best_seconds = guess.seconds;
+    if (guess.partial_bytes <= step.ideal_bytes() && (lean == 0 || guess.seconds < lean_seconds))
+      lean = splits, lean_seconds = guess.seconds;
   }
+  if (partial_slack > 1.0 && compute_bound(step, device) && lean != 0 && lean_seconds <= partial_slack * best_seconds)
+    return lean;
   return best;
 }
 

@@ -201,6 +201,61 @@ def test_matches_reference(dtype, head_dim, k, heads, lengths, max_len):
     check_step(op, *step, k)
 
 
+SKEWED_SPLITS = 7  # the skewed step's cache cut into 7 chunks of 64 rows
+
+
+def make_skewed_step(dtype, device, head_dim, unused, seed=0):
+    """A step whose cache splits differ in weight and in size by orders of magnitude.
+
+    Batch 1, k = 2, GQA 4/2, head dim D, n = 448 rows (7 full 64-row splits). Every query
+    has a component >= 1 along dim 0 and key row j has ``24 sqrt(D) (1 - j / n)`` there, so
+    the early rows dominate the softmax (the scaled score falls by >= 24 from the first row
+    to the last), while V grows 2^12-fold from the first row to the last: the split partials
+    the kernel stores in its dtype are weighted from ~1 down to ~e^-20 and hold values from
+    ~1 up to ~10^4. Rows past n hold ``unused``. Returns the step inputs.
+    """
+    k, (q_heads, kv_heads), n, max_len = 2, (4, 2), 448, 456
+    steps = k + k * k
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float64)
+
+    q = randn(1, steps, q_heads, head_dim)
+    q[..., 0] = 1 + q[..., 0].abs()
+    rows = torch.arange(n, device=device, dtype=torch.float64)
+    k_rows, v_rows = randn(1, n, kv_heads, head_dim), randn(1, n, kv_heads, head_dim)
+    k_rows[..., 0] = (24 * head_dim ** 0.5 * (1 - rows / n)).view(1, n, 1)
+    v_rows *= torch.exp2(12 * rows / n).view(1, n, 1, 1)
+    k_cache = torch.full((1, max_len, kv_heads, head_dim), unused, device=device, dtype=torch.float64)
+    v_cache = k_cache.clone()
+    k_cache[:, :n], v_cache[:, :n] = k_rows, v_rows
+    step = (q, randn(1, steps, kv_heads, head_dim), randn(1, steps, kv_heads, head_dim), k_cache, v_cache)
+    return (*(t.to(dtype) for t in step), torch.tensor([n], dtype=torch.int32, device=device))
+
+
+def split_weight_spread(q, k_cache, cache_seqlens, splits):
+    """Per query row, the largest over the smallest softmax mass of the cache's ``splits``
+    equal chunks (fp64; the step's own keys left out): how unequal the partials' weights are."""
+    n = int(cache_seqlens[0])
+    group = q.shape[2] // k_cache.shape[2]
+    keys = k_cache[0, :n].double().repeat_interleave(group, 1)  # [n, Hq, D]
+    scores = torch.einsum("thd,nhd->thn", q[0].double(), keys) * q.shape[-1] ** -0.5
+    mass = scores.softmax(-1).unflatten(-1, (splits, n // splits)).sum(-1)  # [T, Hq, splits]
+    return mass.amax(-1) / mass.amin(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype):
+    """Split partials stored in fp16/bf16 with weights and sizes spanning orders of magnitude."""
+    op = _op()
+    monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(SKEWED_SPLITS))
+    step = make_skewed_step(dtype, "cuda", 128, unused=1000.0)
+    assert split_weight_spread(step[0], step[3], step[5], SKEWED_SPLITS).min() > 1e6
+    check_step(op, *step, 2)
+
+
 @pytest.mark.gpu
 def test_cuda_backend_supports_decode_on_this_gpu():
     _op()

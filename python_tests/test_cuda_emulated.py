@@ -6,7 +6,8 @@ the PTX fragment layouts). The cases of the GPU files (test_cuda_decode_attentio
 test_accept_drafts.py) scaled to the CPU: head dim 64 and 128, fp16 and bf16, GQA groups
 1, 2, 3, 4, 6, 8, draft lengths 1, 2, 3, 4, 8, 16, caches from 0 to a few hundred rows with NaN
 in every unused row, split counts forced to 1, 3, 7 (TIDAR_FORCE_DECODE_SPLITS) or planned,
-caches filled to max_len, rows written and untouched; the accept kernel's ties, NaN, beta
+seven splits whose weights and values span orders of magnitude (the partials are stored in
+the kernel's dtype), caches filled to max_len, rows written and untouched; the accept kernel's ties, NaN, beta
 0 / 0.5 / 1, inactive sequences, ragged lengths, subnormals, strided and mixed-dtype logits;
 bad input raising before any write. Outputs against the reference under the tolerance rule.
 """
@@ -20,7 +21,8 @@ from tidar_kernels.mask import Layout
 from tidar_kernels.testing import assert_close_by_rule, attention_bounds
 
 from test_accept_drafts import subnormal_case
-from test_cuda_decode_attention import check_bad_decode_input_raises_before_any_write, check_cache_writes
+from test_cuda_decode_attention import (SKEWED_SPLITS, check_bad_decode_input_raises_before_any_write,
+                                        check_cache_writes, make_skewed_step, split_weight_spread)
 
 DECODE = int(Layout.DECODE)
 
@@ -111,6 +113,17 @@ def test_split_counts_agree(monkeypatch):
         monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(splits))
         step = make_step(1, 2, (4, 2), 64, 200, [190], FP16, seed=5)
         check_step(*step, 2, name=f"{splits} splits")
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(FP16, 64), (BF16, 128)], ids=["fp16-d64", "bf16-d128"])
+def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype, head_dim):
+    """Seven splits whose weights span > 10^6 in every row (early cache rows dominate) and whose
+    values span 2^12: the partials, stored in the kernel's dtype, stay within the rule (its
+    bound counts one rounding of each normalised partial)."""
+    monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(SKEWED_SPLITS))
+    step = make_skewed_step(dtype, "cpu", head_dim, unused=float("nan"))
+    assert split_weight_spread(step[0], step[3], step[5], SKEWED_SPLITS).min() > 1e6
+    check_step(*step, 2)
 
 
 def test_forced_split_count_is_validated(monkeypatch):

@@ -142,6 +142,20 @@ def test_plan_splits_rejects_no_candidates():
         roofline.plan_splits(decode_step(4, QWEN25), [CachedKernel(64, 8, 100_000)], H100, 32, 128, 0.5)
 
 
+def test_cuda_planner_counts_16bit_partials_and_takes_the_slack():
+    """The CUDA kernel stores split partials in its 16-bit dtype and its planner follows the
+    Triton planner's slack rule: Qwen3-8B k = 16 batch 1 on an H100 (compute-bound) takes the
+    fastest split count whose partials fit in the step's ideal bytes, fewer splits than least
+    modelled time would, within PARTIAL_SLACK of that time."""
+    step, splits, guess = decode_plan_cases.cuda_decode_plan(1, 272, 16, *QWEN3, 128, 4096, H100)
+    kernel = CachedKernel(64, 4, decode_plan_cases.decode_smem_bytes(128), local_split=True, partial_elem_bytes=2)
+    assert guess == roofline.estimate(step, kernel, splits, H100)
+    assert guess.partial_bytes == step.partial_bytes(splits + 1, elem_bytes=2) <= step.ideal_bytes()
+    _, fastest_splits, fastest = roofline.plan_splits(step, [kernel], H100, 32, 256)
+    assert fastest_splits > splits and fastest.partial_bytes > step.ideal_bytes()
+    assert fastest.seconds < guess.seconds <= roofline.PARTIAL_SLACK * fastest.seconds
+
+
 def test_cuda_planner_cases_are_current():
     """csrc/tests/decode_plan_cases.txt (read by CTest) must be what roofline.py produces today."""
     assert decode_plan_cases.CASES_FILE.read_text() == decode_plan_cases.render(), \
@@ -166,7 +180,7 @@ def test_triton_planner_uses_the_model_and_static_sizes():
                                  partial_elem_bytes=2)
         for splits in range(1, triton_ops.MAX_SPLITS + 1):
             guess = roofline.estimate(step, candidate, splits, H100)
-            assert guess.seconds >= plan.estimate.seconds / triton_ops.PARTIAL_SLACK
+            assert guess.seconds >= plan.estimate.seconds / roofline.PARTIAL_SLACK
             assert guess.partial_bytes > step.ideal_bytes() or guess.seconds >= plan.estimate.seconds
     # A one-row AR step is one 16-row tile; fp32 tiles stop at 64 rows.
     assert triton_ops.plan_cached(torch.bfloat16, 1, 1, 12, 2, 128, 4096, 1, H100).block_m == 16

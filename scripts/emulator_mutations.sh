@@ -8,6 +8,8 @@
 #   key_bound_past_end a tile loads keys up to and including its end bound         (NaN row read)
 #   output_row_swap    the output store writes a thread's two rows swapped               (wrong output)
 #   paged_wrong_page   a paged tile reads every row from the page of its first row       (wrong output)
+#   partial_pair_swap  the 16-bit partial store packs a thread's two columns swapped     (wrong output)
+#   merge_word_swap    the merge's 64-bit partial load (head dim 128) swaps its words    (wrong output)
 # The unmutated sources must pass the same build first (CHECK_CLEAN=0 skips that when the caller
 # has just run them under the sanitizers). Exit 1 if any fault goes unnoticed.
 # Usage: scripts/emulator_mutations.sh [fault ...]   (default: all)
@@ -26,8 +28,11 @@ declare -A faults=(
     if (r >= rows) continue;|    const int r = row0 + warp * 16 + quad_row + 8 * (1 - h);
     if (r >= rows) continue;"
   [paged_wrong_page]="plain|decode_attention.cuh|        page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];|        page = pages[static_cast<int64_t>(first / p.page_size) * p.block_table_stride[1]];"
+  [partial_pair_swap]="plain|decode_attention.cuh|pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv)|pack(o_acc[i][2 * h + 1] * inv, o_acc[i][2 * h] * inv)"
+  [merge_word_swap]="plain|decode_attention.cuh|pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);|pairs[1] = static_cast<uint32_t>(bits), pairs[0] = static_cast<uint32_t>(bits >> 32);"
 )
-order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap paged_wrong_page)
+order=(no_refill_barrier wait_pending v_not_transposed key_bound_past_end output_row_swap paged_wrong_page
+       partial_pair_swap merge_word_swap)
 [ $# -gt 0 ] && order=("$@")
 
 mutate() {  # file, original, replacement -> exactly one occurrence replaced

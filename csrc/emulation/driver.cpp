@@ -11,9 +11,10 @@
 // Paged cases keep the cache in a pool of shuffled pages (plus spare pages nobody owns, NaN)
 // addressed through a block table of exactly [batch, max_len / page_size] entries, so a wrong
 // page, slot or table column reads NaN, writes the wrong bytes, or leaves the heap block.
-// Tolerance of the attention output: the kernel rounds probabilities and the output to the
-// element type (unit roundoff u = 2^-11 fp16, 2^-8 bf16) and keeps everything else in fp32, so
-// |out - exact| <= (u for P + u for the output + fp32 terms) * max|v| < 4 u max|v|.
+// Tolerance of the attention output: the kernel rounds probabilities, the normalised split
+// partials and the output to the element type (unit roundoff u = 2^-11 fp16, 2^-8 bf16) and
+// keeps everything else in fp32, so |out - exact| <= (u for P + u for the partials + u for the
+// output + fp32 terms) * max|v| < 4 u max|v|.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -118,7 +119,7 @@ void run_decode(const DecodeCase& c) {
   const std::vector<uint16_t> k_before = k_cache, v_before = v_cache;
   std::vector<int32_t> seqlens(c.lengths.begin(), c.lengths.end());
   std::vector<uint16_t> out(q.size());
-  std::vector<float> out_partial(static_cast<size_t>(c.splits + 1) * q.size());
+  std::vector<uint16_t> out_partial(static_cast<size_t>(c.splits + 1) * q.size());  // the element type
   std::vector<float> lse_partial(static_cast<size_t>(c.splits + 1) * batch * steps * c.q_heads);
 
   tidar::DecodeParams p{};

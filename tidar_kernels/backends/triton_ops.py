@@ -40,14 +40,6 @@ MAX_HEAD_DIM = 128
 # costs (Q load, pipeline fill, merge rows) are not amortised; the roofline model has no term for them.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
-# On a compute-bound step, a plan whose split partials move no more than the step's ideal
-# bytes is taken when it is modelled at most this factor slower than the fastest plan
-# (issue 16's target). Why: the model is most optimistic exactly about that traffic. It
-# hides the partials' writes entirely under compute and prices the merge launch as bytes
-# at full bandwidth, with no launch gap or tail; neither is measured. 1.25 is a stated
-# margin for that, not a fitted constant; with it, Qwen2.5-1.5B k = 16 batch 1 on sm_90a
-# takes 2 splits (3.4 MB of partials, modelled 1.13x the 5-split 8.5 MB plan).
-PARTIAL_SLACK = 1.25
 # The interpreter has no SMs; pretend a small GPU so CPU tests exercise the split path.
 INTERPRETER_SM_COUNT = 8
 
@@ -199,8 +191,9 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
     least time under :func:`tidar_kernels.roofline.estimate`: memory-bound steps split
     until the SMs are busy, compute-bound ones only while idle SMs cost more than the
     partials' traffic (in the input dtype), and prefer partials within the step's ideal
-    bytes when that costs at most ``PARTIAL_SLACK`` of modelled time. Chunks are sized from the real lengths inside the kernel, so
-    the work stays balanced for any ``cache_seqlens``.
+    bytes when that costs at most ``roofline.PARTIAL_SLACK`` of modelled time. Chunks are
+    sized from the real lengths inside the kernel, so the work stays balanced for any
+    ``cache_seqlens``.
 
     bf16, head dim 128, Triton 3.9 (``scripts/triton_codegen_report.py``; untimed): on
     sm_90a 64-row tiles with 8 warps use 220-232 registers and 112 KiB of shared memory,
@@ -221,7 +214,7 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
         block_n_of[roofline.CachedKernel(block_m, _warps(block_m, block_d), smem,
                                          partial_elem_bytes=elem_bytes)] = block_n
     kernel, splits, guess = roofline.plan_splits(step, block_n_of, device, MAX_SPLITS, MIN_KEYS_PER_SPLIT,
-                                                 PARTIAL_SLACK)
+                                                 roofline.PARTIAL_SLACK)
     return CachedPlan(kernel.block_m, block_n_of[kernel], kernel.warps, stages, splits, guess)
 
 
