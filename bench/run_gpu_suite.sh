@@ -117,6 +117,7 @@ QUICK_CUDA_TESTS=(
   "$T/test_cuda_decode_attention.py::test_cuda_graph_replay_with_commit_over_many_steps"
   "$T/test_cuda_decode_attention.py::test_opcheck[bf16]"
   "$T/test_cuda_decode_attention.py::test_bad_input_raises_before_any_write"
+  "$T/test_cuda_decode_attention.py::test_skewed_split_magnitudes_within_rule[bf16]"
   "$T/test_paged_kv.py::test_paged_cuda_kernel_on_gpu[page3-bf16-d128-gqa3-3splits-bf16]"
   "$T/test_paged_kv.py::test_paged_cuda_kernel_on_gpu_long_cache[page16]"
   "$T/test_paged_kv.py::test_bad_paged_kernel_input_raises_before_any_write_on_gpu"
