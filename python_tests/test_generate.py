@@ -8,6 +8,7 @@ checks the usual case (drafts rejected, acc = 1).
 import pytest
 import torch
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from sync_check import assert_steps_never_sync
 
 from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.kv_cache import KVCache
@@ -292,10 +293,4 @@ def test_step_never_syncs(temperature):
     for loop in (generate._TidarLoop(model, setup, 4, 1.0), generate._ArLoop(model, setup)):
         with torch.inference_mode():
             loop.prefill()
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                loop.step()
-                loop.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            assert_steps_never_sync(loop, steps=2)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from sync_check import assert_steps_never_sync
 
 import tidar_kernels as tk
 from tidar_kernels import backends
@@ -681,10 +682,4 @@ def test_paged_step_never_syncs():
             loop.cache.reserve([ids.shape[1]] * ids.shape[0])
             loop.prefill()
             loop._manage_pages(steps=2)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                loop.step()
-                loop.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            assert_steps_never_sync(loop, steps=2)
