@@ -218,8 +218,11 @@ def specialise(launch: Launch, capability: int):
     return signature, constexprs, attrs, options
 
 
-# A PTX instruction at the start of a line, optionally predicated (TMA copies are: ``@%p15 cp.async...``).
-_PTX_INSTRUCTION = r"^\s*(?:@!?%p\d+\s+)?"
+def ptx_count(ptx: str, opcode: str) -> int:
+    """Instructions of ``ptx`` whose opcode starts with the regex ``opcode``, predicated ones
+    included (TMA copies are: ``@%p15 cp.async.bulk.tensor...``); comments are not counted."""
+    return len(re.findall(r"^\s*(?:@!?%p\d+\s+)?" + opcode, ptx, re.M))
+
 
 _JOBS: list = []  # (kernel, signature, constexprs, attrs, options, capability), shared with forked workers
 
@@ -238,11 +241,11 @@ def _compile(index: int) -> Compiled:
     if not regs or not spills:
         raise RuntimeError(f"{kernel.__name__}: no ptxas register report in the compile log:\n{text}")
     return Compiled(
-        wgmma=len(re.findall(_PTX_INSTRUCTION + r"wgmma\.mma_async", ptx, re.M)),
-        mma_sync=len(re.findall(_PTX_INSTRUCTION + r"mma\.sync", ptx, re.M)),
-        tma=len(re.findall(_PTX_INSTRUCTION + r"cp\.async\.bulk\.tensor", ptx, re.M)),
-        setmaxnreg=len(re.findall(_PTX_INSTRUCTION + r"setmaxnreg", ptx, re.M)),
-        mbarrier=len(re.findall(_PTX_INSTRUCTION + r"mbarrier\.", ptx, re.M)),
+        wgmma=ptx_count(ptx, r"wgmma\.mma_async"),
+        mma_sync=ptx_count(ptx, r"mma\.sync"),
+        tma=ptx_count(ptx, r"cp\.async\.bulk\.tensor"),
+        setmaxnreg=ptx_count(ptx, r"setmaxnreg"),
+        mbarrier=ptx_count(ptx, r"mbarrier\."),
         warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
         regs=int(regs[-1]), spills=sum(int(a) + int(b) for a, b in spills),
         smem_bytes=compiled.metadata.shared, warps=options.num_warps, stages=options.num_stages,
