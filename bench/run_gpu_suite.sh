@@ -106,6 +106,7 @@ QUICK_TRITON_TESTS=(
   "$T/test_paged_kv.py::test_paged_step_never_syncs"
   "$T/test_triton_tma.py::test_tma_on_gpu_matches_pointer_loop[qwen1.5b-k16-bf16]"
   "$T/test_triton_tma.py::test_tma_decode_step_cuda_graph_replay"
+  "$T/test_triton_tma.py::test_tma_decode_step_under_torch_compile"
 )
 QUICK_CUDA_TESTS=(
   "$T/test_cuda_decode_attention.py::test_extension_imports_and_registers_ops"

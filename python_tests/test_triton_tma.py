@@ -229,6 +229,27 @@ def test_tma_decode_step_cuda_graph_replay(monkeypatch):
         assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
 
 
+@pytest.mark.gpu
+@needs_hopper
+def test_tma_decode_step_under_torch_compile(monkeypatch):
+    """torch.compile traces the op on fake tensors (``tma_legal`` then checks offsets only) and
+    launches the TMA kernel from its own code: same output and cache writes as eager TMA."""
+    monkeypatch.setattr(triton_ops, "TMA_REQUESTED", True)
+    draft_len = 3
+    q, k_new, v_new, k_cache, v_cache, seqlens = _decode_inputs(torch.bfloat16, (3, 400), (6, 2), 64, draft_len,
+                                                                "cuda")
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
+
+    def decode(q_, k_new_, v_new_, k_cache_, v_cache_, lengths):
+        return tk.decode_attention(q_, k_new_, v_new_, k_cache_, v_cache_, lengths, draft_len, backend="triton")
+
+    eager_cache = (k_cache.clone(), v_cache.clone())
+    expected = decode(q, k_new, v_new, *eager_cache, seqlens)
+    got = torch.compile(decode, fullgraph=True)(q, k_new, v_new, k_cache, v_cache, seqlens)
+    assert torch.equal(got, expected)
+    assert torch.equal(k_cache, eager_cache[0]) and torch.equal(v_cache, eager_cache[1])
+
+
 # ----------------------------------------------------------------------------
 # The codegen report's handling of the opt-in rows (CI runs the report itself)
 # ----------------------------------------------------------------------------
