@@ -9,6 +9,9 @@ kernels and a decode step can be captured in a CUDA graph):
   ``tidar::cached_attention_reference``: decode step, prefill and causal append;
   writes the clean step rows into ``k_cache``/``v_cache``.
 
+Opt-in: ``TIDAR_TRITON_TMA=1`` makes the cached kernel read contiguous caches through
+Hopper TMA tensor descriptors where :func:`tma_legal` allows (off by default, untimed).
+
 Greedy acceptance stays with the reference backend (``accept_drafts=None``): it is
 a handful of argmaxes, not attention.
 
