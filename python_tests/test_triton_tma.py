@@ -153,10 +153,15 @@ def test_switch_on_falls_back_before_sm90(tma_spy, monkeypatch):
     assert tma_spy.tma == [False]
 
 
-def test_switch_is_off_by_default():
-    assert triton_ops.TMA_REQUESTED == (os.environ.get("TIDAR_TRITON_TMA", "0") == "1")
-    assert "TIDAR_TRITON_TMA" not in os.environ or os.environ["TIDAR_TRITON_TMA"] != "1", \
-        "run the suite with the switch unset: the default path is the one under test elsewhere"
+def test_switch_is_read_at_import_and_off_by_default():
+    import subprocess
+    import sys
+    if "TIDAR_TRITON_TMA" not in os.environ:
+        assert triton_ops.TMA_REQUESTED is False
+    code = "from tidar_kernels.backends import triton_ops; print(triton_ops.TMA_REQUESTED)"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TIDAR_TRITON_TMA="1"),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-1] == "True"
 
 
 # ----------------------------------------------------------------------------
