@@ -9,6 +9,10 @@ Implementations measured in the same run, on the same inputs:
   paged cache (``block_table``, pages of ``P`` = 1, 16, 64 rows, shuffled over the
   pool) with each backend that supports paged calls; its ``vs_tidar-<backend>``
   column is the contiguous time over the paged time (target: >= 1/1.1 at P >= 16).
+* ``tidar-triton-tma`` (ours, decode, sm_90+, issue 16 item 4): the Triton decode step
+  with the opt-in TMA cache loop switched on for that call only (``TIDAR_TRITON_TMA``;
+  run without the variable so ``tidar-triton`` stays the pointer loop); its
+  ``vs_tidar-triton`` column says whether TMA is faster (> 1: it is).
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled (eager in smoke
   runs), its ``BlockMask`` built once per shape outside the timed region. The
   ``mask_mod`` is :func:`tidar_kernels.mask.key_ranges`, not a new definition
@@ -290,6 +294,16 @@ def _fwdbwd(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor])
     return run
 
 
+def _with_triton_tma(call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``call()`` with the Triton backend's opt-in TMA cache loop switched on (then back)."""
+    from tidar_kernels.backends import triton_ops
+    saved, triton_ops.TMA_REQUESTED = triton_ops.TMA_REQUESTED, True
+    try:
+        return call()
+    finally:
+        triton_ops.TMA_REQUESTED = saved
+
+
 def decode_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,
                  masks: FlexMasks) -> tuple[list[Impl], dict]:
     """Inputs of one decode shape and every implementation over them."""
@@ -307,6 +321,11 @@ def decode_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,
     for name in our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE):
         impls.append(Impl(f"tidar-{name}", "ours", lambda name=name: tk.decode_attention(
             q, k_new, v_new, k_cache, v_cache, lengths, k, backend=name, check_lengths=False)))
+    if "triton" in our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE) and \
+            torch.cuda.get_device_capability(device) >= (9, 0):
+        impls.append(Impl("tidar-triton-tma", "ours", lambda: _with_triton_tma(lambda: tk.decode_attention(
+            q, k_new, v_new, k_cache, v_cache, lengths, k, backend="triton", check_lengths=False)),
+            note="TMA cache loop (TIDAR_TRITON_TMA)"))
     paged_backends = our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE, paged=True)
     for page_size in PAGE_SIZES if paged_backends else ():
         k_pool, table = paged_copy(k_cache, page_size, seed=page_size)

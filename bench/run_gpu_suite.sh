@@ -104,6 +104,9 @@ QUICK_TRITON_TESTS=(
   "$T/test_paged_kv.py::test_paged_decode_step_cuda_graph_replay_with_changing_tables[triton]"
   "$T/test_paged_kv.py::test_paged_loops_on_gpu_match_contiguous"
   "$T/test_paged_kv.py::test_paged_step_never_syncs"
+  "$T/test_triton_tma.py::test_tma_on_gpu_matches_pointer_loop[qwen1.5b-k16-bf16]"
+  "$T/test_triton_tma.py::test_tma_decode_step_cuda_graph_replay"
+  "$T/test_triton_tma.py::test_tma_decode_step_under_torch_compile"
 )
 QUICK_CUDA_TESTS=(
   "$T/test_cuda_decode_attention.py::test_extension_imports_and_registers_ops"
@@ -144,7 +147,7 @@ QUICK_CUDA_TESTS=(
 # Every file with gpu-marked tests (python_tests/test_bench.py checks that none lies elsewhere).
 # The Triton stage runs the first (no extension needed); the CUDA stage, after the build, the rest
 # (test_paged_kv.py holds the paged CUDA kernel's GPU tests besides the Triton ones).
-GPU_TEST_FILES=("$T/test_triton_attention.py" "$T/test_paged_kv.py" "$T/test_cuda_decode_attention.py"
+GPU_TEST_FILES=("$T/test_triton_attention.py" "$T/test_triton_tma.py" "$T/test_paged_kv.py" "$T/test_cuda_decode_attention.py"
                 "$T/test_accept_drafts.py" "$T/test_generate.py" "$T/test_hf_integration.py" "$T/test_fsdp.py")
 
 pytest_cmd() {  # pytest_cmd NAME WORKERS ARGS...: pytest with JUnit output and the slowest tests listed
@@ -171,14 +174,14 @@ stage_command() {  # stage_command NAME: set CMD (argv) and LIMIT for the stage 
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-triton 6 "${QUICK_TRITON_TESTS[@]}"
       else
-        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[@]:0:1}"
+        pytest_cmd tests-triton 8 "${GPU_TEST_FILES[@]:0:2}"
       fi ;;
     tests-cuda)
       LIMIT=$CUDA_TESTS_S
       if [ "$MODE" = quick ]; then
         pytest_cmd tests-cuda 4 "${QUICK_CUDA_TESTS[@]}"
       else  # the files holding the extension's, the decode loop's and the integrations' GPU tests, whole
-        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:1}"
+        pytest_cmd tests-cuda 4 "${GPU_TEST_FILES[@]:2}"
       fi ;;
     attention)
       LIMIT=$ATTENTION_S

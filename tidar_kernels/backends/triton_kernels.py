@@ -77,6 +77,18 @@ def _attend_keys(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, cols, lo, hi, qk_sca
     a row that has seen nothing yet keeps ``m_i = -inf`` (``m_safe`` avoids ``-inf - -inf``).
     """
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    p, alpha, m_new, l_i = _softmax_step(m_i, l_i, q, k, cols, lo, hi, qk_scale, MASKED=MASKED, PRECISION=PRECISION)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, q, k, cols, lo, hi, qk_scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Logits of the loaded key tile ``k`` and the online-softmax bookkeeping of
+    :func:`_attend_keys`: ``(p, alpha, m_new, l_new)``; the caller adds ``p @ V`` to
+    ``acc * alpha``. A MASKED tile lets row ``i`` see only the columns in ``[lo_i, hi_i)``
+    (``tl.where``: whatever the masked columns of ``k`` hold, NaN included, is dropped)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -86,9 +98,7 @@ def _attend_keys(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_mask, cols, lo, hi, qk_sca
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i
 
 
 @triton.jit
@@ -194,6 +204,36 @@ def _attend_cache(acc, m_i, l_i, q, k_head, v_head, skc_o, skc_i, skc_d, svc_o, 
                                            svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, full_end, end, hi,
                                            qk_scale, offs_n, offs_d, d_ok, MASKED=True, PAGED=PAGED,
                                            PAGE_SIZE=PAGE_SIZE, PRECISION=PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_cache_tma(acc, m_i, l_i, q, k_desc, v_desc, start, end, qk_scale, offs_n,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_attend_cache` for a contiguous cache read through TMA tensor descriptors.
+
+    ``k_desc``/``v_desc`` describe one sequence's KV head, ``[max_len, head_dim]`` in
+    ``[BLOCK_N, BLOCK_D]`` boxes: TMA zero-fills only what lies outside that tensor (rows
+    past ``max_len``, columns past ``head_dim``). Rows in ``[end, max_len)`` are real
+    memory (the next split's rows, or unused rows holding anything, NaN included), so
+    the tail tile masks them here: logits by the MASKED rule, V rows to exact zeros
+    (``0 * NaN`` would poison ``p @ V``).
+    """
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.zeros([BLOCK_M], dtype=tl.int32) + end
+    for n0 in range(start, full_end, BLOCK_N):
+        k = k_desc.load([n0, 0])
+        p, alpha, m_i, l_i = _softmax_step(m_i, l_i, q, k, n0 + offs_n, hi * 0, hi, qk_scale, MASKED=False,
+                                           PRECISION=PRECISION)
+        v = v_desc.load([n0, 0])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if full_end < end:
+        cols = full_end + offs_n
+        k = k_desc.load([full_end, 0])
+        p, alpha, m_i, l_i = _softmax_step(m_i, l_i, q, k, cols, hi * 0, hi, qk_scale, MASKED=True,
+                                           PRECISION=PRECISION)
+        v = tl.where((cols < end)[:, None], v_desc.load([full_end, 0]), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_i, l_i
 
 
@@ -412,7 +452,7 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
                             head_dim, LAYOUT: tl.constexpr, HAS_CONTEXT: tl.constexpr, NUM_SPLITS: tl.constexpr,
                             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """Grid ``(NUM_SPLITS, cdiv(T * group, BLOCK_M), batch * kv_heads)``.
 
     Tile rows are (query row, query head of the KV head's group) pairs, row
@@ -439,6 +479,11 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     ``BlockTable[b, t // PAGE_SIZE]`` (reads and the write alike, :func:`_cache_slots`);
     ``max_len`` is then ``max_pages_per_seq * PAGE_SIZE``. The ``skc_b``/``skc_t`` strides
     are the pool's page and slot strides.
+
+    ``TMA`` (contiguous caches only, sm_90+, ``triton_ops.tma_legal``): the cache loop
+    reads K/V tiles through device-side tensor descriptors (Hopper TMA), one per
+    program over its sequence's KV head. Off by default (``TIDAR_TRITON_TMA``); results
+    are the same as the pointer loop's.
     """
     split = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -466,10 +511,19 @@ def cached_attention_kernel(Q, KNew, VNew, KCache, VCache, CacheSeqlens, Context
     chunk = tl.cdiv(tl.cdiv(n_cached, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, n_cached)
-    acc, m_i, l_i = _attend_cache(acc, m_i, l_i, q, KCache + hk * skc_h, VCache + hk * svc_h, skc_b, skc_t, skc_d,
-                                  svc_b, svc_t, svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, start, end, qk_scale,
-                                  offs_n, offs_d, d_ok, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, BLOCK_M=BLOCK_M,
-                                  BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    if TMA:
+        tl.static_assert(not PAGED, "TMA boxes cannot gather rows through a block table")
+        k_desc = tl.make_tensor_descriptor(KCache + b * skc_b + hk * skc_h, shape=[max_len, head_dim],
+                                           strides=[skc_t, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(VCache + b * svc_b + hk * svc_h, shape=[max_len, head_dim],
+                                           strides=[svc_t, 1], block_shape=[BLOCK_N, BLOCK_D])
+        acc, m_i, l_i = _attend_cache_tma(acc, m_i, l_i, q, k_desc, v_desc, start, end, qk_scale, offs_n,
+                                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    else:
+        acc, m_i, l_i = _attend_cache(acc, m_i, l_i, q, KCache + hk * skc_h, VCache + hk * svc_h, skc_b, skc_t,
+                                      skc_d, svc_b, svc_t, svc_d, b, BlockTable, sbt_b, sbt_p, num_pages, start, end,
+                                      qk_scale, offs_n, offs_d, d_ok, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE,
+                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
     # (b) the step's own keys under the TiDAR rule, on the last split.
     if split == NUM_SPLITS - 1:
         if HAS_CONTEXT:

@@ -9,6 +9,9 @@ kernels and a decode step can be captured in a CUDA graph):
   ``tidar::cached_attention_reference``: decode step, prefill and causal append;
   writes the clean step rows into ``k_cache``/``v_cache``.
 
+Opt-in: ``TIDAR_TRITON_TMA=1`` makes the cached kernel read contiguous caches through
+Hopper TMA tensor descriptors where :func:`tma_legal` allows (off by default, untimed).
+
 Greedy acceptance stays with the reference backend (``accept_drafts=None``): it is
 a handful of argmaxes, not attention.
 
@@ -27,6 +30,7 @@ from typing import Optional
 
 import torch
 import triton  # without triton this raises ImportError: the registry reads "backend unavailable"
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from .. import roofline
@@ -35,6 +39,9 @@ from . import Backend, Call, register_attention_autograd
 from . import triton_kernels as kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Opt-in (issue 16 item 4): the cached kernel's contiguous-cache loop reads K/V through TMA
+# tensor descriptors where legal (tma_legal). Off by default: no GPU has timed it yet.
+TMA_REQUESTED = os.environ.get("TIDAR_TRITON_TMA", "0") == "1"
 MAX_HEAD_DIM = 128
 # A split streams at least this many cache rows (two 64-key tiles): below that its fixed
 # costs (Q load, pipeline fill, merge rows) are not amortised; the roofline model has no term for them.
@@ -181,6 +188,54 @@ def _cached_block_m_options(dtype: torch.dtype, packed_rows: int) -> tuple[int, 
     return tuple(m for m in (64, 128) if m <= cap)
 
 
+# TMA: global addresses and every stride but the last must be multiples of 16 bytes.
+_TMA_ALIGN_BYTES = 16
+
+
+def tma_legal(k_cache: torch.Tensor, v_cache: torch.Tensor, paged: bool, capability: int) -> bool:
+    """Whether the cached kernel may read this cache through TMA tensor descriptors.
+
+    Needs sm_90+ (Hopper's TMA unit), a contiguous cache (a TMA box is a rectangle: it
+    cannot gather rows through a block table), the head dim contiguous, and every
+    (batch, KV head) base address and the row stride 16-byte aligned (the descriptor
+    of program ``(b, hk)`` starts at ``cache[b, 0, hk]``). Static: reads no tensor values.
+    Under torch.compile's fake tensors the storage's own address is unknown; torch's
+    allocators align storages to far more than 16 bytes, so only the offset is checked.
+    """
+    if paged or capability < 90:
+        return False
+    for cache in (k_cache, v_cache):
+        size = cache.element_size()
+        if cache.stride(3) != 1 and cache.shape[3] > 1:
+            return False
+        if any(stride * size % _TMA_ALIGN_BYTES for stride in cache.stride()[:3]):
+            return False
+        address = cache.storage_offset() * size
+        if not (cache.device.type == "meta" or is_fake(cache)):
+            address = cache.data_ptr()
+        if address % _TMA_ALIGN_BYTES:
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Triton's global-scratch allocator: device-side tensor descriptors live there (128
+    bytes per program). A torch allocation on the current stream, so CUDA-graph capture
+    takes it from the graph's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _install_scratch_allocator() -> None:
+    """Triton keeps the allocator in a context variable (per thread): set it before each TMA
+    launch, and at import for launches that skip the op body (torch.compile's generated code)."""
+    if not INTERPRET:
+        triton.set_allocator(_scratch)
+
+
+if TMA_REQUESTED:
+    _install_scratch_allocator()
+
+
 @functools.lru_cache(maxsize=4096)  # every layer of every step asks again: price each shape once
 def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_heads: int, head_dim: int,
                 max_len: int, rows_written: int, device: roofline.Device) -> CachedPlan:
@@ -302,8 +357,11 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     packed_rows = num_rows * group
     paged = block_table is not None
     capacity = k_cache.shape[1] * (block_table.shape[1] if paged else 1)  # cache rows per sequence
-    plan = plan_cached(q.dtype, batch, num_rows, num_heads, num_kv_heads, head_dim, capacity, written,
-                       device_figures(q.device))
+    figures = device_figures(q.device)
+    plan = plan_cached(q.dtype, batch, num_rows, num_heads, num_kv_heads, head_dim, capacity, written, figures)
+    tma = TMA_REQUESTED and tma_legal(k_cache, v_cache, paged, figures.capability)
+    if tma:
+        _install_scratch_allocator()
     block_m, block_n, splits = plan.block_m, plan.block_n, plan.splits
     row_tiles = triton.cdiv(packed_rows, block_m)
     if splits > 1:
@@ -328,7 +386,7 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         head_dim,
         LAYOUT=layout, HAS_CONTEXT=has_context, NUM_SPLITS=splits, PAGED=paged,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=plan.warps, num_stages=plan.stages)
+        BLOCK_D=block_d, PRECISION=_precision(q.dtype), TMA=tma, num_warps=plan.warps, num_stages=plan.stages)
     if splits > 1:
         # 32 rows: with 64 rows x head dim 128 in fp32 the merge spills registers on sm_90.
         _LAUNCH_MERGE[(triton.cdiv(packed_rows, 32), batch * num_kv_heads)](
