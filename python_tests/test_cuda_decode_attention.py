@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
 from tidar_kernels import backends
@@ -313,17 +314,8 @@ def test_cuda_graph_replay_with_commit_over_many_steps():
                                              backend="cuda")
         return out, accepted, targets
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on copies, so the real state starts clean
-        saved = [t.clone() for t in (k_cache, v_cache, lengths)]
-        step()
-        for dst, src in zip((k_cache, v_cache, lengths), saved):
-            dst.copy_(src)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, accepted, targets = step()
+    # the warm-up's commit is undone, so the real state starts clean
+    graph, (out, accepted, targets) = capture_after_warmup(step, preserve=(k_cache, v_cache, lengths))
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     for it in range(20):

@@ -7,8 +7,8 @@ checks the usual case (drafts rejected, acc = 1).
 """
 import pytest
 import torch
+from cuda_checks import assert_steps_never_sync
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
-from sync_check import assert_steps_never_sync
 
 from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.kv_cache import KVCache

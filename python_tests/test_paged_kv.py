@@ -13,11 +13,11 @@ is written; the loops on a paged cache emit the contiguous loops' tokens.
 import pytest
 import torch
 from cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
+from cuda_checks import assert_steps_never_sync, capture_after_warmup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
-from sync_check import assert_steps_never_sync
 
 import tidar_kernels as tk
 from tidar_kernels import backends
@@ -636,14 +636,7 @@ def test_paged_decode_step_cuda_graph_replay_with_changing_tables(backend):
         return tk.decode_attention(q, k_new, v_new, k_pool, v_pool, seqlens, draft_len, backend=backend,
                                    check_lengths=False, block_table=block_table)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
-        step(*pools)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(*pools)
+    graph, out = capture_after_warmup(lambda: step(*pools))
     for lengths in ([7, 1, 1200], [0, 1250, 33]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         block_table.copy_(torch.randperm(batch * columns, device=device).view(batch, columns))

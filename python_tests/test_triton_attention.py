@@ -22,6 +22,7 @@ if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
+from cuda_checks import capture_after_warmup  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -355,14 +356,7 @@ def test_decode_step_cuda_graph_replay_with_changing_lengths():
         return tk.decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, draft_len, backend="triton",
                                    check_lengths=False)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_after_warmup(step)
     for lengths in ([7, 1, 1500], [0, 2000, 33], [1024, 1023, 0]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         # The replay must do exactly what an eager call with these lengths does

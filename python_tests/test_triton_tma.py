@@ -25,6 +25,7 @@ from tidar_kernels.backends import triton_ops  # noqa: E402
 from tidar_kernels.mask import Layout  # noqa: E402
 
 from cached_cases import check_cached_call  # noqa: E402
+from cuda_checks import capture_after_warmup  # noqa: E402
 
 
 class LaunchSpy:
@@ -216,14 +217,7 @@ def test_tma_decode_step_cuda_graph_replay(monkeypatch):
         return tk.decode_attention(q, k_new, v_new, k_cache, v_cache, seqlens, draft_len, backend="triton",
                                    check_lengths=False)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_after_warmup(step)
     for lengths in ([7, 1, 800], [0, 880, 33]):
         seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         k_eager, v_eager = k_cache.clone(), v_cache.clone()
