@@ -36,9 +36,11 @@ def _files(out: Path, step: int):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """1 unsharded process; 2 FSDP processes (with accumulation) saving at steps 2 and 4; a resume of step 2."""
+    """1 unsharded process; 1 FSDP process (its own group); 2 FSDP processes (with accumulation) saving at
+    steps 2 and 4; a resume of step 2. Each run must exit with status 0."""
     root = tmp_path_factory.mktemp("fsdp")
     _run(1, root / "one", [])
+    _run(1, root / "one-fsdp", ["--fsdp"])
     _run(2, root / "two", ["--fsdp", "--micro-batch-size", "2", "--save-every", "2"])
     _run(2, root / "resumed", ["--fsdp", "--resume", str(root / "two" / "step_000002")])
     return root
@@ -57,6 +59,14 @@ def test_two_sharded_processes_match_one_process(runs):
         {k: v.shape for k, v in one_state.items() if k.startswith("optimizer.")}
     for name in one_weights:  # Adam amplifies the rounding of ~0 gradients; losses above are the tight check
         torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=1e-3)
+
+
+def test_one_fsdp_process_from_the_command_line_trains_like_the_unsharded_run(runs):
+    """Without torchrun the CLI makes (and ends) a one-process group and exits without finalization."""
+    one, _, _ = _files(runs / "one", 4)
+    sharded, _, _ = _files(runs / "one-fsdp", 4)
+    for a, b in zip(one, sharded):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0), (a, b)
 
 
 def test_sharded_resume_is_bit_identical(runs):

@@ -802,13 +802,15 @@ def main(argv=None) -> None:
     result = train(args, resume)
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
+    used_process_group = dist.is_initialized() or args.fsdp  # torchrun's group, or FSDP2's own one
     if dist.is_initialized():
         dist.destroy_process_group()
+    if used_process_group:
         _exit_without_finalization()
 
 
 def _exit_without_finalization() -> None:
-    """End a torchrun rank whose work is complete (checkpoint renamed into place, group destroyed).
+    """End a process that ran a process group, its work complete (checkpoint renamed into place, group destroyed).
 
     The process leaves without CPython's finalization and C++ static destructors, where
     torch's native threads (gloo's run loops and TCP loop, the autograd device threads)
