@@ -24,24 +24,26 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from cuda_headers import find_cuda_headers, find_cuda_home  # noqa: E402  (shared with the scripts)
 
 
+def skipped_build(switch: str, reason: str) -> str:
+    """Why an optional extension is not built; exits instead when ``switch`` (an env var) forces it ("1")."""
+    if os.environ.get(switch) == "1":
+        sys.exit(f"{switch}=1 but {reason}")
+    return reason
+
+
 def want_cuda_build():
     """(build?, reason) following TIDAR_BUILD_CUDA and what this machine has."""
-    forced = os.environ.get("TIDAR_BUILD_CUDA")
-    if forced == "0":
+    if os.environ.get("TIDAR_BUILD_CUDA") == "0":
         return False, "TIDAR_BUILD_CUDA=0"
     try:
         import torch
     except ImportError:
-        reason = "torch is not importable at build time (install torch first, use --no-build-isolation)"
-        if forced == "1":
-            sys.exit(f"TIDAR_BUILD_CUDA=1 but {reason}")
-        return False, reason
+        return False, skipped_build("TIDAR_BUILD_CUDA", "torch is not importable at build time (install torch "
+                                    "first, use --no-build-isolation)")
     cuda_home = find_cuda_home()
     if torch.version.cuda is None or cuda_home is None:
         reason = "no CUDA-enabled torch" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
-        if forced == "1":
-            sys.exit(f"TIDAR_BUILD_CUDA=1 but {reason}")
-        return False, reason
+        return False, skipped_build("TIDAR_BUILD_CUDA", reason)
     os.environ["CUDA_HOME"] = cuda_home
     return True, f"CUDA toolkit at {cuda_home}, torch CUDA {torch.version.cuda}"
 
@@ -69,22 +71,15 @@ def cuda_extension():
 
 def want_emulated_build():
     """(include dirs or None, reason) following TIDAR_BUILD_EMULATED and what this machine has."""
-    forced = os.environ.get("TIDAR_BUILD_EMULATED")
-    if forced == "0":
+    if os.environ.get("TIDAR_BUILD_EMULATED") == "0":
         return None, "TIDAR_BUILD_EMULATED=0"
     try:
         import torch  # noqa: F401
     except ImportError:
-        reason = "torch is not importable at build time"
-        if forced == "1":
-            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
-        return None, reason
+        return None, skipped_build("TIDAR_BUILD_EMULATED", "torch is not importable at build time")
     headers = find_cuda_headers()
     if headers is None:
-        reason = "no CUDA headers (toolkit, or Triton's bundled ones)"
-        if forced == "1":
-            sys.exit(f"TIDAR_BUILD_EMULATED=1 but {reason}")
-        return None, reason
+        return None, skipped_build("TIDAR_BUILD_EMULATED", "no CUDA headers (toolkit, or Triton's bundled ones)")
     return headers, f"CUDA headers from {headers[0]}"
 
 
