@@ -318,11 +318,11 @@ def decode_impls(shape: Shape, device: torch.device, dtype: torch.dtype, flex,
     inputs = {"q": q, "k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache, "lengths": lengths}
 
     impls = []
-    for name in our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE):
+    contiguous_backends = our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE)
+    for name in contiguous_backends:
         impls.append(Impl(f"tidar-{name}", "ours", lambda name=name: tk.decode_attention(
             q, k_new, v_new, k_cache, v_cache, lengths, k, backend=name, check_lengths=False)))
-    if "triton" in our_backends(device, dtype, d, tk_backends.CACHED_ATTENTION, Layout.DECODE) and \
-            torch.cuda.get_device_capability(device) >= (9, 0):
+    if "triton" in contiguous_backends and torch.cuda.get_device_capability(device) >= (9, 0):
         impls.append(Impl("tidar-triton-tma", "ours", lambda: _with_triton_tma(lambda: tk.decode_attention(
             q, k_new, v_new, k_cache, v_cache, lengths, k, backend="triton", check_lengths=False)),
             note="TMA cache loop (TIDAR_TRITON_TMA)"))

@@ -7,6 +7,7 @@ against the twin, opcheck, and CUDA-graph replay.
 """
 import pytest
 import torch
+from cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
 from tidar_kernels.backends import reference
@@ -319,10 +320,8 @@ def test_cuda_graph_replay_advances_lengths():
     drafts, a, b, lengths = random_case(batch, k, vocab, torch.float16, seed=0)
     static = [t.clone() for t in (drafts, a, b)]
     cache_seqlens = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    op(*static, cache_seqlens.clone(), None, 0.5)  # warm up outside the graph
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        accepted, targets = op(*static, cache_seqlens, None, 0.5)
+    graph, (accepted, targets) = capture_after_warmup(lambda: op(*static, cache_seqlens, None, 0.5),
+                                                      preserve=(cache_seqlens,))
     expected = torch.zeros_like(cache_seqlens)
     for step in range(10):
         new = random_case(batch, k, vocab, torch.float16, seed=100 + step)

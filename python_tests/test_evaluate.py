@@ -119,7 +119,7 @@ def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path
         (tmp_path / "corpus" / "only.py").write_text("x = 1\n" * 50)
         kwargs["data"], match = [str(tmp_path / "corpus")], "no held-out document"
     elif case == "too many prompts":
-        kwargs.update(prompts=10_000), None
+        kwargs["prompts"] = 10_000
         match = "prompts=10000 needs that many held-out documents"
     elif case == "bad draft length":
         kwargs["draft_lens"], match = (4, 0), "draft_lens must be a non-empty list of integers >= 1"

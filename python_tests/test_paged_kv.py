@@ -6,7 +6,7 @@ Every backend that takes a paged CPU call (the reference; Triton under
 math), write exactly the new rows through the table and leave every other row and
 page (NaN-poisoned) untouched; see :func:`cached_cases.check_cached_call`. The CUDA
 kernel's decode step gets the same checks on the CPU through the ``cuda_emulated``
-backend (pages 1, 3, 16, 64, 128; fp16 and bf16; head dims 64 and 128; GQA), its
+backend (pages 1 to 256; fp16 and bf16; head dims 64 and 128; GQA), its
 paged output bit-identical to the contiguous call's. Bad tables raise before anything
 is written; the loops on a paged cache emit the contiguous loops' tokens.
 """
@@ -589,11 +589,13 @@ def test_paged_triton_on_gpu_long_cache(page_size):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
-def test_paged_cuda_kernel_on_gpu(case, dtype):
-    """The emulated cases on the hardware, at head dim 128 and in both dtypes."""
+def test_paged_cuda_kernel_on_gpu(monkeypatch, case, dtype):
+    """The emulated cases on the hardware, at head dim 128 and in both dtypes (forced splits too)."""
     if backends.load("cuda") is None:
         pytest.skip("the CUDA extension tidar_kernels._C is not built")
-    page_size, _, _, heads, draft_len, lens, _ = KERNEL_CASES[case]
+    page_size, _, _, heads, draft_len, lens, splits = KERNEL_CASES[case]
+    if splits is not None:
+        monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(splits))
     check_cached_call("cuda", Layout.DECODE, lens, heads, dtype=dtype, draft_len=draft_len, page_size=page_size,
                       head_dim=128, seed=page_size, device="cuda", exact_twin=True)
 
