@@ -109,6 +109,7 @@ struct Smem {
   static constexpr int kQElems = kBlockM * kPitch;
   static constexpr int kBytes = (kQElems + 4 * kTileElems) * 2;   // Q + 2 stages of K and V
   static constexpr int kChunksPerRow = kHeadDim / 8;              // 16-byte chunks
+  static_assert(kBytes == decode_smem_bytes(kHeadDim), "the host planner's shared-memory figure");
 };
 
 // Copy a tile of kBlockN rows (row i at base + (first + i) * row_stride) into
@@ -128,6 +129,12 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_st
     const T* src = valid ? base + (first + row) * row_stride + col : base;
     cp_async_16(smem_addr(smem + row * S::kPitch + col), src, valid ? 16 : 0);
   }
+}
+
+// Paged caches: the page holding row t of a sequence whose block-table row is `pages` (its slot is
+// t % page_size); the one statement of the table convention, for the loads and the draft commit.
+__device__ __forceinline__ int page_of(const int32_t* pages, const DecodeParams& p, int t) {
+  return pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];
 }
 
 // Paged caches: the K and V rows [first, first + kBlockN) of one sequence (its block-table row
@@ -153,7 +160,7 @@ __device__ __forceinline__ void load_paged_tiles(T* k_smem, T* v_smem, const T* 
   const bool one_page = p.page_size % kBlockN == 0;  // uniform
   int tile_page = 0, tile_slot = 0;
   if (one_page) {
-    tile_page = pages[static_cast<int64_t>(first / p.page_size) * p.block_table_stride[1]];
+    tile_page = page_of(pages, p, first);
     tile_slot = first % p.page_size;
   }
 #pragma unroll
@@ -171,7 +178,7 @@ __device__ __forceinline__ void load_paged_tiles(T* k_smem, T* v_smem, const T* 
         page = tile_page;
         slot = tile_slot + row;
       } else {
-        page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];
+        page = page_of(pages, p, t);
         slot = t % p.page_size;
       }
       k_src += page * p.kcache_stride[0] + slot * p.kcache_stride[1] + col;
@@ -216,6 +223,11 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   n = n < 0 ? 0 : (n > p.max_len ? p.max_len : n);
   // Paged: this sequence's block-table row (unused by the contiguous kernel).
   const int32_t* pages = kPaged ? p.block_table + b * p.block_table_stride[0] : nullptr;
+  // This (sequence, KV head) in the caches; paged: the KV head inside page 0 of the pool.
+  T* const k_cache_head =
+      static_cast<T*>(p.k_cache) + (kPaged ? 0 : b * p.kcache_stride[0]) + kv_head * p.kcache_stride[2];
+  T* const v_cache_head =
+      static_cast<T*>(p.v_cache) + (kPaged ? 0 : b * p.vcache_stride[0]) + kv_head * p.vcache_stride[2];
 
   // Keys of this split: the local split walks the step's own keys [0, T) in
   // tiles of kBlockN, skipping tiles no row of this CTA sees; a cache split
@@ -274,9 +286,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   if (local && blockIdx.x == 0) {
     const T* kn = static_cast<const T*>(p.k_new) + b * p.knew_stride[0] + kv_head * p.knew_stride[2];
     const T* vn = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
-    // Paged: kc / vc point at the KV head inside page 0 of the pool.
-    T* kc = static_cast<T*>(p.k_cache) + (kPaged ? 0 : b * p.kcache_stride[0]) + kv_head * p.kcache_stride[2];
-    T* vc = static_cast<T*>(p.v_cache) + (kPaged ? 0 : b * p.vcache_stride[0]) + kv_head * p.vcache_stride[2];
     const int writable = min(p.draft_len, p.max_len - n);  // never past max_len
     for (int c = threadIdx.x; c < writable * S::kChunksPerRow; c += kThreads) {
       const int i = c / S::kChunksPerRow;
@@ -284,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       int64_t k_row, v_row;  // element offsets of cache row n + i
       if constexpr (kPaged) {
         const int t = n + i;
-        const int page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];
+        const int page = page_of(pages, p, t);
         const int slot = t % p.page_size;
         k_row = page * p.kcache_stride[0] + slot * p.kcache_stride[1];
         v_row = page * p.vcache_stride[0] + slot * p.vcache_stride[1];
@@ -292,8 +301,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         k_row = (n + i) * p.kcache_stride[1];
         v_row = (n + i) * p.vcache_stride[1];
       }
-      *reinterpret_cast<uint4*>(kc + k_row + col) = *reinterpret_cast<const uint4*>(kn + i * p.knew_stride[1] + col);
-      *reinterpret_cast<uint4*>(vc + v_row + col) = *reinterpret_cast<const uint4*>(vn + i * p.vnew_stride[1] + col);
+      *reinterpret_cast<uint4*>(k_cache_head + k_row + col) =
+          *reinterpret_cast<const uint4*>(kn + i * p.knew_stride[1] + col);
+      *reinterpret_cast<uint4*>(v_cache_head + v_row + col) =
+          *reinterpret_cast<const uint4*>(vn + i * p.vnew_stride[1] + col);
     }
   }
 
@@ -323,9 +334,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     v_src = static_cast<const T*>(p.v_new) + b * p.vnew_stride[0] + kv_head * p.vnew_stride[2];
     k_row_stride = p.knew_stride[1];
     v_row_stride = p.vnew_stride[1];
-  } else {  // paged: the KV head inside page 0 of the pool
-    k_src = static_cast<const T*>(p.k_cache) + (kPaged ? 0 : b * p.kcache_stride[0]) + kv_head * p.kcache_stride[2];
-    v_src = static_cast<const T*>(p.v_cache) + (kPaged ? 0 : b * p.vcache_stride[0]) + kv_head * p.vcache_stride[2];
+  } else {
+    k_src = k_cache_head;
+    v_src = v_cache_head;
     k_row_stride = p.kcache_stride[1];
     v_row_stride = p.vcache_stride[1];
   }

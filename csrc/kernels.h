@@ -1,8 +1,8 @@
 // Host-side interface of the hand-written CUDA kernels.
 //
 // Plain C++ (only the CUDA runtime types): included by the kernel files
-// (decode_attention_*.cu, accept_drafts.cu) and by bindings.cpp, the one file
-// that sees torch. Pointers are raw, strides are in elements, and every
+// (decode_attention_*.cu, accept_drafts.cu; host-compiled against csrc/emulation/ for the
+// emulated build) and by the bindings (bindings_common.h). Pointers are raw, strides are in elements, and every
 // length the kernels need at run time is read from device memory, so a launch
 // is the same on every step and can be captured in a CUDA graph.
 #pragma once
@@ -63,8 +63,6 @@ struct DecodeParams {
   int64_t block_table_stride[2];  // batch, column (elements)
   int page_size;
 };
-
-// Grid plan from static sizes only (CUDA-graph safe): decode_num_splits, decode_attention_plan.h.
 
 // One instantiation per (dtype, head_dim), each in its own .cu file.
 template <bool kIsBF16, int kHeadDim>

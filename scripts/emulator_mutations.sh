@@ -27,7 +27,7 @@ declare -A faults=(
   [output_row_swap]="plain|decode_attention.cuh|    const int r = row0 + warp * 16 + quad_row + 8 * h;
     if (r >= rows) continue;|    const int r = row0 + warp * 16 + quad_row + 8 * (1 - h);
     if (r >= rows) continue;"
-  [paged_wrong_page]="plain|decode_attention.cuh|        page = pages[static_cast<int64_t>(t / p.page_size) * p.block_table_stride[1]];|        page = pages[static_cast<int64_t>(first / p.page_size) * p.block_table_stride[1]];"
+  [paged_wrong_page]="plain|decode_attention.cuh|        page = page_of(pages, p, t);|        page = page_of(pages, p, first);"
   [partial_pair_swap]="plain|decode_attention.cuh|pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv)|pack(o_acc[i][2 * h + 1] * inv, o_acc[i][2 * h] * inv)"
   [merge_word_swap]="plain|decode_attention.cuh|pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);|pairs[1] = static_cast<uint32_t>(bits), pairs[0] = static_cast<uint32_t>(bits >> 32);"
 )
