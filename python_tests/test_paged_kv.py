@@ -334,11 +334,18 @@ def test_pool_reserve_and_release():
     cache = PagedKVCache(n_layers=2, batch=3, max_len=10, n_kv_heads=2, head_dim=4, page_size=4, num_pages=7)
     assert cache.max_len == 12 and cache.block_table.shape == (3, 3) and cache.k[0].shape == (7, 4, 2, 4)
     assert cache.block_table.eq(PagedKVCache.NO_PAGE).all() and cache.free_pages == 7
+    with pytest.raises(ValueError, match=r"KV pages missing: sequences \[0, 1, 2\] need \[1, 1, 1\] rows"):
+        cache.check_room(1)  # no page held yet
     cache.reserve([5, 1, 0])  # 2 + 1 + 0 pages
+    with pytest.raises(ValueError, match=r"sequences \[2\] need \[1\] rows but hold \[0\] pages"):
+        cache.check_room(1)
     assert [len(cache.pages_of(b)) for b in range(3)] == [2, 1, 0] and cache.free_pages == 4
     cache.reserve([8, 1, 4])  # keeps what it holds, takes only what is missing
     held = [cache.pages_of(b) for b in range(3)]
     assert [len(p) for p in held] == [2, 1, 1] and cache.free_pages == 3
+    cache.check_room(4)  # every sequence holds a page of 4 rows
+    with pytest.raises(ValueError, match=r"sequences \[1, 2\] need \[5, 5\] rows"):
+        cache.check_room(5)
     flat = sum(held, [])
     assert len(set(flat)) == len(flat)
     assert cache.block_table[0, :2].tolist() == held[0] and cache.block_table[0, 2] == PagedKVCache.NO_PAGE

@@ -165,6 +165,16 @@ class PagedKVCache(_Lengths):
     def free_pages(self) -> int:
         return len(self._free)
 
+    def check_room(self, rows: int) -> None:
+        """Raise ValueError unless every sequence can take ``rows`` more rows and already holds the
+        pages for them (:meth:`reserve`): an op told ``check_lengths=False`` would not notice (syncs)."""
+        super().check_room(rows)
+        needed = (self.seqlens.cpu() + rows).tolist()
+        short = [b for b, n in enumerate(needed) if n > self._owned[b] * self.page_size]
+        if short:
+            raise ValueError(f"KV pages missing: sequences {short} need {[needed[b] for b in short]} rows but hold "
+                             f"{[self._owned[b] for b in short]} pages of {self.page_size} rows; reserve them first")
+
     def pages_of(self, sequence: int) -> list[int]:
         """The pages sequence ``sequence`` holds, in row order."""
         return self._table[sequence, :self._owned[sequence]].tolist()

@@ -139,12 +139,10 @@ def append_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
 def _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size,
             softmax_scale, backend, block_table):
     scale = _scale(softmax_scale, q)
-    paged = block_table is not None
-    call = Call(backends.CACHED_ATTENTION, q.device, q.dtype, q.shape[-1], int(layout), paged=paged)
-    chosen = backends.select(call, backend)
-    args = (q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, int(layout), block_size, scale)
-    # Only backends that declare paged support ever see the table.
-    return chosen.cached_attention(*args, block_table=block_table) if paged else chosen.cached_attention(*args)
+    call = Call(backends.CACHED_ATTENTION, q.device, q.dtype, q.shape[-1], int(layout), paged=block_table is not None)
+    chosen = backends.select(call, backend)  # a backend that declines paged calls is never chosen for one
+    return chosen.cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, int(layout),
+                                   block_size, scale, block_table=block_table)
 
 
 # ----------------------------------------------------------------------------

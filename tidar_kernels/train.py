@@ -420,17 +420,20 @@ def _rekey_optimizer_state(state: dict, keys: dict) -> dict:
             "param_groups": [{**g, "params": [keys[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
-def gather_full_state(model: nn.Module, optimizer) -> tuple[Optional[dict], Optional[dict]]:
+def gather_full_state(model: nn.Module, optimizer=None) -> tuple[Optional[dict], Optional[dict]]:
     """Full model and optimizer state dicts of a sharded run, on rank 0's CPU (``None`` elsewhere).
 
     Collective: every rank must call it. The optimizer state comes back keyed by
-    parameter index like ``optimizer.state_dict()`` of an unsharded run.
+    parameter index like ``optimizer.state_dict()`` of an unsharded run; without an
+    ``optimizer`` (an evaluation only) it is not gathered and comes back ``None``.
     """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return (model_state if dist.get_rank() == 0 else None), None
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.get_rank() != 0:
         return None, None
@@ -450,10 +453,10 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, sharded: bool
                              options=StateDictOptions(full_state_dict=True))
 
 
-def _plain_model(config, state: dict) -> nn.Module:
-    """An unsharded model holding a gathered state dict (rank 0 evaluates it alone)."""
+def _plain_model(config, state: dict, device: torch.device) -> nn.Module:
+    """An unsharded model holding a gathered state dict, on the run's device (rank 0 evaluates it alone)."""
     from .checkpoints import _build
-    return _build(config, state, device=None, dtype=torch.float32)
+    return _build(config, state, device=device, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -719,9 +722,10 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         save_now = out_dir is not None and (done == args.steps or (args.save_every and done % args.save_every == 0))
         model_state = optimizer_state = None
         if args.fsdp and (evaluate_now or save_now):  # every rank takes part in the gather
-            model_state, optimizer_state = gather_full_state(model, optimizer)
+            model_state, optimizer_state = gather_full_state(model, optimizer if save_now else None)
         if dist_.main and evaluate_now:
-            evaluation = evaluate(model if model_state is None else _plain_model(model.config, model_state),
+            evaluation = evaluate(model if model_state is None else _plain_model(model.config, model_state,
+                                                                                 dist_.device),
                                   datasets, args)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in evaluation.items()))

@@ -103,13 +103,14 @@ def tidar_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 def _attend_over_hf_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last ``T`` rows of HF's cached ``k``/``v`` (plain ``model.generate``).
 
-    ``append_attention`` writes the new rows into its cache argument, so it gets a
-    copy of the keys and values (HF's cache is left as it is).
+    ``k``/``v`` are the caller's ``[B, T, heads, D]`` copies of HF's cache (a transpose made
+    contiguous; a view only when it holds one head, where rewriting the same rows changes
+    nothing), so ``append_attention`` may write the new rows into them; the new rows it
+    reads are cloned so that source and destination never alias.
     """
     new = q.shape[1]
     past = torch.full((q.shape[0],), k.shape[1] - new, dtype=torch.int32, device=q.device)
-    k_cache, v_cache = k.clone(), v.clone()
-    return ops.append_attention(q, k[:, -new:], v[:, -new:], k_cache, v_cache, past, check_lengths=False)
+    return ops.append_attention(q, k[:, -new:].clone(), v[:, -new:].clone(), k, v, past, check_lengths=False)
 
 
 def tidar_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
