@@ -344,7 +344,15 @@ def test_model_shapes(heads, dtype, head_dim):
 
 @pytest.mark.gpu
 @needs_compiler
-def test_decode_step_cuda_graph_replay_with_changing_lengths():
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_decode_step_cuda_graph_replay_with_changing_lengths(monkeypatch, tma):
+    """A replay with new lengths equals an eager call; with the opt-in TMA cache loop (sm_90+) the
+    descriptors' scratch also comes from the allocator inside the capture."""
+    if tma:
+        if torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("TMA needs sm_90+")
+        from tidar_kernels.backends import triton_ops
+        monkeypatch.setattr(triton_ops, "TMA_REQUESTED", True)
     draft_len, batch, heads, head_dim, max_len = 4, 3, (12, 2), 128, 2048
     rows = draft_len + draft_len * draft_len
     dtype = torch.bfloat16
