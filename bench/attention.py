@@ -15,10 +15,10 @@ Implementations measured in the same run, on the same inputs:
   ``vs_tidar-triton`` column says whether TMA is faster (> 1: it is).
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled (eager in smoke
   runs), its ``BlockMask`` built once per shape outside the timed region. The
-  ``mask_mod`` is :func:`tidar_kernels.mask.key_ranges`, not a new definition
+  ``mask_mod`` is :func:`tidar_kernels.kernels.mask.key_ranges`, not a new definition
   (:class:`FlexMasks`).
 * ``sdpa-mask``: ``scaled_dot_product_attention`` with the dense bool mask of
-  :mod:`tidar_kernels.mask` (``decode_mask`` / ``training_mask``).
+  :mod:`tidar_kernels.kernels.mask` (``decode_mask`` / ``training_mask``).
 * ``causal`` (the ceiling): unmasked bottom-right causal SDPA with the same
   query and key counts, restricted to the fused kernels (flash / cuDNN /
   memory-efficient) on CUDA; plus ``flash-attn`` (``flash_attn_with_kvcache`` /
@@ -51,12 +51,12 @@ Metrics (``D`` head dim, ``Hq``/``Hkv`` heads, ``B`` batch, ``e`` bytes per elem
   (``4*Hq + 4*Hkv``): ``e * B * T * D * (6*Hq + 6*Hkv)``.
 * ``vs_<impl>`` = that implementation's time / this row's time (> 1: this row is faster).
 * ``limit_ms`` = the roofline limit of the row's ``tflops`` work and ``gbps`` bytes on the
-  GPU's datasheet figures (:mod:`tidar_kernels.roofline`; H100 SXM and H200 known, other
+  GPU's datasheet figures (:mod:`tidar_kernels.kernels.roofline`; H100 SXM and H200 known, other
   GPUs: columns left out with a note); ``of_limit`` = ``limit_ms / ms``.
 
 ``--refcheck`` compares every implementation's forward output on the first
 decode and the first training-forward shape with masked attention in fp64 by
-the kernels' tolerance rule (:mod:`tidar_kernels.testing`): at most twice the
+the kernels' tolerance rule (:mod:`tidar_kernels.kernels.tolerance`): at most twice the
 error of PyTorch doing the same math in the input dtype plus attention's
 forward-error bound. Gradients are left to the kernels' test suites.
 
@@ -81,10 +81,10 @@ if __package__ in (None, ""):
 
 import tidar_kernels as tk
 from bench import common
-from tidar_kernels import backends as tk_backends
-from tidar_kernels.backends import reference as tk_reference
-from tidar_kernels.mask import Layout, decode_mask, key_ranges, local_mask, training_mask
-from tidar_kernels.testing import attention_bounds, rule_error
+from tidar_kernels.kernels import backends as tk_backends
+from tidar_kernels.kernels.backends import reference as tk_reference
+from tidar_kernels.kernels.mask import Layout, decode_mask, key_ranges, local_mask, training_mask
+from tidar_kernels.kernels.tolerance import attention_bounds, rule_error
 
 HEADS = {  # model -> (q heads, kv heads, head dim)
     "qwen2.5-1.5b": (12, 2, 128),
@@ -296,7 +296,7 @@ def _fwdbwd(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor])
 
 def _with_triton_tma(call: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``call()`` with the Triton backend's opt-in TMA cache loop switched on (then back)."""
-    from tidar_kernels.backends import triton_ops
+    from tidar_kernels.kernels.backends import triton_ops
     saved, triton_ops.TMA_REQUESTED = triton_ops.TMA_REQUESTED, True
     try:
         return call()

@@ -2,7 +2,7 @@
 
 Every script in ``bench/`` follows the same conventions:
 
-* **Timing.** :func:`time_ms` is :func:`tidar_kernels.tuning.median_ms`, the one
+* **Timing.** :func:`time_ms` is :func:`tidar_kernels.model.tuning.median_ms`, the one
   timing routine of the package and the benchmarks: on CUDA
   ``triton.testing.do_bench`` (warm-up, then the median over repetitions; the L2
   cache is flushed before every repetition by zeroing a 256 MB buffer); with
@@ -33,8 +33,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from tidar_kernels import roofline
-from tidar_kernels.tuning import median_ms as time_ms  # noqa: F401  (the one timing routine, re-exported)
+from tidar_kernels.kernels import roofline
+from tidar_kernels.model.tuning import median_ms as time_ms  # noqa: F401  (the one timing routine, re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_ROOT = REPO_ROOT / "bench" / "results"
@@ -79,7 +79,7 @@ def device_label(smoke: bool) -> str:
 
 def roofline_device(smoke: bool) -> Optional[roofline.Device]:
     """Datasheet figures of the bench GPU for the roofline columns (H100 SXM and H200 known,
-    :func:`tidar_kernels.roofline.device_from_name`); None, with a note, anywhere else."""
+    :func:`tidar_kernels.kernels.roofline.device_from_name`); None, with a note, anywhere else."""
     name = "the CPU (smoke run)" if smoke else torch.cuda.get_device_name()
     figures = None if smoke else roofline.device_from_name(name)
     if figures is None:
@@ -90,7 +90,7 @@ def roofline_device(smoke: bool) -> Optional[roofline.Device]:
 def roofline_columns(flops: float, hbm_bytes: float, ms: Optional[float],
                      figures: Optional[roofline.Device]) -> dict:
     """``limit_ms``: the least time ``flops`` and ``hbm_bytes`` can take on the GPU (the roofline,
-    :func:`tidar_kernels.roofline.limit_seconds`); ``of_limit``: limit / measured (1 = at the
+    :func:`tidar_kernels.kernels.roofline.limit_seconds`); ``of_limit``: limit / measured (1 = at the
     roofline). Empty without figures or a measured time."""
     if figures is None or ms is None:
         return {}
@@ -295,7 +295,7 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype, **override
     billions of parameters): weights ~ N(0, 0.02), norm weights 1, biases 0.
     Timings do not depend on the values; these keep activations finite.
     """
-    from tidar_kernels.model import RMSNorm, Transformer, TransformerConfig
+    from tidar_kernels.model.transformer import RMSNorm, Transformer, TransformerConfig
 
     config = TransformerConfig.from_name(name, **overrides)
     with torch.device("meta"):

@@ -6,8 +6,8 @@ Both decoders run the same model (random weights, bf16) on the same prompt of
 * ``step_ms``: one graph-captured step's compute (AR: one token forward, LM
   head, greedy pick, commit; TiDAR at draft length ``k``: the ``k + k*k`` token
   forward, LM head on the rows acceptance needs, the acceptance op, the next
-  drafts: :mod:`tidar_kernels.tuning`), median with warm-up;
-* ``loop_ms``: per forward of the real loops, :func:`tidar_kernels.generate.
+  drafts: :mod:`tidar_kernels.model.tuning`), median with warm-up;
+* ``loop_ms``: per forward of the real loops, :func:`tidar_kernels.model.generate.
   ar_generate` / ``tidar_generate`` (CUDA graphs, stop checks and all): two
   runs of ``--new-tokens`` lengths, ``(wall_long - wall_short) / (forwards_long -
   forwards_short)``, which cancels the prefill; median of ``--repeats``.
@@ -26,7 +26,7 @@ this device, batch and cache from ``step_ms`` (``--draft-len K`` fixes it
 instead); k = 16, the paper's choice, is reported too when among ``--draft-lens``.
 
 On an H100 SXM or H200 every ``step_ms`` row also gets ``limit_ms``, the roofline limit of the
-step (:func:`tidar_kernels.roofline.model_forward`: weights and cache read once, the
+step (:func:`tidar_kernels.kernels.roofline.model_forward`: weights and cache read once, the
 projection, MLP, attention and LM-head FLOPs), and ``of_limit = limit_ms / step_ms``.
 
 Outputs ``decode.csv`` (AR and TiDAR rows: both latencies, tokens per forward,
@@ -49,10 +49,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from tidar_kernels import roofline
-from tidar_kernels.generate import ar_generate, tidar_generate
-from tidar_kernels.model import CONFIGS
-from tidar_kernels.tuning import describe_acceptance, expected_tokens, step_ms, tune_draft_length
+from tidar_kernels.kernels import roofline
+from tidar_kernels.model.generate import ar_generate, tidar_generate
+from tidar_kernels.model.transformer import CONFIGS
+from tidar_kernels.model.tuning import describe_acceptance, expected_tokens, step_ms, tune_draft_length
 
 PAPER_DRAFT_LEN = 16
 DEFAULT_ACCEPTANCE = 0.885  # sum_{i<16} 0.885**i = 7.45, the paper's 1.5B tokens per forward
@@ -148,7 +148,7 @@ def plot(tuning: list[dict], rows: list[dict], path: Path, meta: dict) -> Path:
 def step_roofline(config, batch: int, cache_len: int, draft_len: Optional[int], ms: float, figures) -> dict:
     """Roofline columns of one graph-captured step (:func:`common.roofline_columns`): AR is one
     token with the LM head on it; TiDAR ``k + k*k`` tokens with the LM head on the ``3k - 1``
-    rows acceptance and the next drafts read (:mod:`tidar_kernels.tuning`)."""
+    rows acceptance and the next drafts read (:mod:`tidar_kernels.model.tuning`)."""
     tokens, lm_rows = (1, 1) if draft_len is None else (draft_len + draft_len * draft_len, 3 * draft_len - 1)
     work, traffic = roofline.model_forward(config, batch, tokens, cache_len, lm_rows)
     return common.roofline_columns(work, traffic, ms, figures)

@@ -22,7 +22,7 @@ the full layer count, and ``total_ms = measured total + (full - run layers) x
 one decoder layer's time`` (``layers_run`` / ``layers_full`` columns).
 
 Roofline (H100 SXM and H200 only): ``limit_ms`` is the least time the full-depth forward can
-take (:func:`tidar_kernels.roofline.model_forward`: weights and cache read once, the
+take (:func:`tidar_kernels.kernels.roofline.model_forward`: weights and cache read once, the
 projection, MLP, attention and LM-head FLOPs), ``of_limit = limit_ms / total_ms``.
 
 Flat region: ``N`` lies in it while ``total_ms(N) <= 1.1 x total_ms(1)`` (same
@@ -48,10 +48,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
-from tidar_kernels import ops, roofline
-from tidar_kernels.kv_cache import KVCache
-from tidar_kernels.mask import Layout
-from tidar_kernels.model import CONFIGS, AttentionContext, TransformerConfig
+from tidar_kernels.kernels import ops, roofline
+from tidar_kernels.model.kv_cache import KVCache
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.model.transformer import CONFIGS, AttentionContext, TransformerConfig
 
 FLAT_TOLERANCE = 1.1  # latency within 10% of the single-token forward counts as flat
 DEFAULT_LAYERS = {"qwen3-32b": 16}  # fewer layers, scaled to the full depth (module docstring)

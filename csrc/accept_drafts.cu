@@ -1,6 +1,6 @@
 // Greedy accept-and-commit of a TiDAR decode step (TIDAR.md section 5), on the device.
 //
-// Same math as tidar_kernels/backends/reference.py::accept_drafts:
+// Same math as tidar_kernels/kernels/backends/reference.py::accept_drafts:
 //   mixed[b, r, :] = beta * draft_logits[b, r, :] + (1 - beta) * block_logits[b, r, :]   (fp32)
 //   targets[b, r]  = argmax(mixed[b, r, :])   (ties -> lowest index, NaN wins, like torch.argmax)
 //   accepted[b]    = 1 + number of leading j = 1..k-1 with drafts[b, j] == targets[b, j-1],

@@ -3,7 +3,7 @@
 //
 // Registers, in namespace `tidar`, the schemas of the "cuda" backend's ops and
 // their CUDA implementations; the fake (meta) implementations are registered in
-// Python (tidar_kernels/backends/cuda_ops.py). Every check (bindings_common.h, shared
+// Python (tidar_kernels/kernels/backends/cuda_ops.py). Every check (bindings_common.h, shared
 // with the emulated backend) runs before any launch, so bad input raises without
 // writing anything. A minimal pybind11 module makes `import tidar_kernels._C` load
 // the library (and the ops).

@@ -24,10 +24,10 @@
 namespace tidar {
 namespace binding {
 
-constexpr int64_t kLayoutDecode = 3;  // tidar_kernels.mask.Layout.DECODE
+constexpr int64_t kLayoutDecode = 3;  // tidar_kernels.kernels.mask.Layout.DECODE
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15); tidar_kernels.ops checks the same.
+// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15); tidar_kernels.kernels.ops checks the same.
 constexpr int64_t kMaxPageSize = 256;
 // Tests only (docs/ENVIRONMENT.md): a fixed number of cache splits instead of the planner's.
 constexpr const char* kForceSplitsEnv = "TIDAR_FORCE_DECODE_SPLITS";
@@ -116,7 +116,7 @@ struct DecodeLaunch {
 // Static checks of a block table [batch, max_pages_per_seq] (int32, on q's device, not overlapping
 // itself) and of the page pools it indexes; returns each sequence's capacity in rows,
 // max_pages_per_seq * page_size. Its values (pages in [0, num_pages), distinct) would need a
-// device sync: tidar_kernels.ops checks them on the host unless check_lengths=False.
+// device sync: tidar_kernels.kernels.ops checks them on the host unless check_lengths=False.
 inline int64_t check_block_table(const Target& target, const at::Tensor& block_table, const at::Tensor& q,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch,
                                  int64_t kv_heads, int64_t head_dim) {

@@ -22,7 +22,7 @@
 //     merges the num_splits + 1 partials of every row (LSE merge, fp32 sums).
 //     Normalised, a partial is a convex combination of V rows: its rounding errs by
 //     u |P_s||V| / l_s, one more u |P||V| after the merge (the tolerance rule's
-//     "split partials stored in the kernel dtype", tidar_kernels/testing.py), and it
+//     "split partials stored in the kernel dtype", tidar_kernels/kernels/tolerance.py), and it
 //     cannot overflow; half the bytes of fp32 partials (the planner counts them so).
 //   * Paged caches (DecodeParams::block_table, kPaged): the cache splits read row t of
 //     sequence b from its page (load_paged_tiles) and the draft commit writes through the

@@ -1,5 +1,5 @@
 // Roofline cost model of a cached-attention launch: the C++ mirror of
-// tidar_kernels/roofline.py (same formulas, same order of operations, so both pick
+// tidar_kernels/kernels/roofline.py (same formulas, same order of operations, so both pick
 // the same plan; checked by CTest on cases exported from Python,
 // python_tests/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt).
 // Plain C++ (no CUDA, no torch): the host planner and its test include it.
@@ -19,7 +19,7 @@ constexpr int kMaxCtasPerSm = 32;
 constexpr int kFp32Bytes = 4;
 // On a compute-bound step, the fastest plan whose split partials move no more than the step's
 // ideal bytes is taken when modelled at most this factor slower than the fastest plan: the
-// mirror of PARTIAL_SLACK in tidar_kernels/roofline.py, where the reason for 1.25 is given.
+// mirror of PARTIAL_SLACK in tidar_kernels/kernels/roofline.py, where the reason for 1.25 is given.
 constexpr double kPartialSlack = 1.25;
 
 struct Device {

@@ -1,6 +1,6 @@
 // TiDAR's compact attention rule for CUDA kernels and host code.
 //
-// A line-for-line mirror of tidar_kernels/mask.py (key_ranges, classify_tile,
+// A line-for-line mirror of tidar_kernels/kernels/mask.py (key_ranges, classify_tile,
 // Layout, TileKind). That module is the one definition; this header exists so
 // device code can use the same arithmetic, and CTest (csrc/tests/test_mask.cpp)
 // checks it on the host against cases exported from Python. No torch, no CUDA

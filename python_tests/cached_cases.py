@@ -3,9 +3,9 @@ contiguous or a paged cache whose unused rows and pages hold NaN or Inf.
 
 Shared by ``test_cached_unused_rows.py`` (issue 10: rows past ``n`` are never read) and
 ``test_paged_kv.py`` (issue 15: paged caches). The ground truth is the masked attention
-of :mod:`tidar_kernels.backends.reference` computed in fp64 over the *zeroed*
+of :mod:`tidar_kernels.kernels.backends.reference` computed in fp64 over the *zeroed*
 contiguous cache, with the mask from the one rule (``reference.cached_mask``); the
-tolerance is :func:`tidar_kernels.testing.assert_close_by_rule`.
+tolerance is :func:`tidar_kernels.kernels.tolerance.assert_close_by_rule`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 
 import tidar_kernels as tk
-from tidar_kernels import backends
-from tidar_kernels.backends import reference
-from tidar_kernels.mask import Layout, layout_clean_rows, rows_written_to_cache
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds
+from tidar_kernels.kernels import backends
+from tidar_kernels.kernels.backends import reference
+from tidar_kernels.kernels.mask import Layout, layout_clean_rows, rows_written_to_cache
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

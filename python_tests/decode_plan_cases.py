@@ -1,7 +1,7 @@
 """Cases of the CUDA decode planner shared by the Python and C++ tests.
 
 The CUDA kernel's planner (``csrc/decode_attention_plan.cpp``) runs the roofline model
-of :mod:`tidar_kernels.roofline` mirrored in ``csrc/roofline.h``. :func:`cuda_decode_plan`
+of :mod:`tidar_kernels.kernels.roofline` mirrored in ``csrc/roofline.h``. :func:`cuda_decode_plan`
 states that planner in Python with the kernel's tiling (64-row tiles, 4 warps, shared
 memory from ``decode_smem_bytes``, an extra split for the step's own keys, partial outputs
 in the 16-bit input dtype) and the Triton planner's ``PARTIAL_SLACK`` rule;
@@ -19,7 +19,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tidar_kernels import roofline  # noqa: E402
+from tidar_kernels.kernels import roofline  # noqa: E402
 
 CASES_FILE = ROOT / "csrc" / "tests" / "decode_plan_cases.txt"
 BLOCK_M, BLOCK_N, WARPS, MAX_SPLITS = 64, 64, 4, 32  # csrc/decode_attention_plan.{h,cpp}

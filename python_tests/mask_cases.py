@@ -15,7 +15,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tidar_kernels.mask import Layout, classify_tile, key_ranges  # noqa: E402
+from tidar_kernels.kernels.mask import Layout, classify_tile, key_ranges  # noqa: E402
 
 CASES_FILE = ROOT / "csrc" / "tests" / "mask_cases.txt"
 

@@ -10,7 +10,7 @@ import torch
 from cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
-from tidar_kernels.backends import reference
+from tidar_kernels.kernels.backends import reference
 
 VOCAB = 7
 

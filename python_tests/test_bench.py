@@ -15,8 +15,8 @@ if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 
 from bench import attention, common, decode, token_slots  # noqa: E402
-from tidar_kernels.kv_cache import KVCache  # noqa: E402
-from tidar_kernels.tuning import DecodeStep, expected_tokens, tune_draft_length  # noqa: E402
+from tidar_kernels.model.kv_cache import KVCache  # noqa: E402
+from tidar_kernels.model.tuning import DecodeStep, expected_tokens, tune_draft_length  # noqa: E402
 
 META_KEYS = ("device", "gpu", "driver", "torch", "triton", "commit", "date", "command")
 

@@ -18,11 +18,11 @@ if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 
 from bench.common import random_model  # noqa: E402
-from tidar_kernels import mask  # noqa: E402
-from tidar_kernels.kv_cache import KVCache  # noqa: E402
-from tidar_kernels.mask import Layout  # noqa: E402
-from tidar_kernels.training import build_training_batch  # noqa: E402
-from tidar_kernels.tuning import ARStep, DecodeStep  # noqa: E402
+from tidar_kernels.kernels import mask  # noqa: E402
+from tidar_kernels.model.kv_cache import KVCache  # noqa: E402
+from tidar_kernels.kernels.mask import Layout  # noqa: E402
+from tidar_kernels.training.objective import build_training_batch  # noqa: E402
+from tidar_kernels.model.tuning import ARStep, DecodeStep  # noqa: E402
 
 ROUNDS = 5
 

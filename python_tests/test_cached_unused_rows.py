@@ -11,7 +11,7 @@ import torch
 from cached_cases import POISONS, check_cached_call, cpu_cached_backends
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
-from tidar_kernels.mask import Layout
+from tidar_kernels.kernels.mask import Layout
 
 OPS = {
     # (layout, cache lengths, (q_heads, kv_heads), draft_len, padded rows, prompt lengths)
@@ -33,7 +33,7 @@ def test_rows_past_n_are_never_read(backend, op, poison):
 
 def test_reference_reads_only_up_to_the_longest_sequence(monkeypatch):
     """On the CPU the reference gathers rows ``[0, max n_b)``, not the whole capacity: its cost is O(n)."""
-    from tidar_kernels.backends import reference
+    from tidar_kernels.kernels.backends import reference
     spans = []
     real = reference.gather_cache
     monkeypatch.setattr(reference, "gather_cache",

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from tidar_kernels.checkpoints import (_unpermute_rotary, add_mask_token, load_hf, load_pretrained,
+from tidar_kernels.model.checkpoints import (_unpermute_rotary, add_mask_token, load_hf, load_pretrained,
                                        save_pretrained)
-from tidar_kernels.model import Transformer, TransformerConfig
+from tidar_kernels.model.transformer import Transformer, TransformerConfig
 
 
 def tiny(**overrides):

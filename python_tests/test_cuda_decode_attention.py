@@ -2,7 +2,7 @@
 
 CPU: the extension was built, loads, registers its ops, and its fake kernels give
 the right shapes. GPU (marked, skipped without CUDA): outputs against the reference
-under the tolerance rule of tidar_kernels/testing.py on odd shapes (n = 0, k = 1..16,
+under the tolerance rule of tidar_kernels/kernels/tolerance.py on odd shapes (n = 0, k = 1..16,
 GQA 1/2/4/6, lengths differing per sequence, caches filled up to max_len), the
 cache written at [n, n+k) and byte-identical elsewhere, CUDA-graph replay over
 many steps together with the commit op, opcheck, and bad input raising before
@@ -16,10 +16,10 @@ import torch
 from cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
-from tidar_kernels import backends
-from tidar_kernels.backends import Call, reference
-from tidar_kernels.mask import Layout
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds
+from tidar_kernels.kernels import backends
+from tidar_kernels.kernels.backends import Call, reference
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
 
 DECODE = int(Layout.DECODE)
 
@@ -73,7 +73,7 @@ def test_cuda_backend_declines_what_it_does_not_implement():
 @needs_extension_build
 def test_backend_answers_from_the_archs_compiled_in():
     """SASS for sm_XY runs on X.Z with Z >= Y only; 9.0 (sm_90a) only on 9.0; no list, no GPU."""
-    from tidar_kernels.backends.cuda_ops import kernels_run_on
+    from tidar_kernels.kernels.backends.cuda_ops import kernels_run_on
 
     assert kernels_run_on("800,900", (8, 0)) and kernels_run_on("800,900", (8, 6))
     assert kernels_run_on("800,900", (9, 0))
@@ -100,7 +100,7 @@ def test_fp64_block_logits_fall_back_to_another_backend(monkeypatch):
 
 @needs_extension_build
 def test_fake_kernels_give_output_shapes():
-    import tidar_kernels.backends.cuda_ops  # noqa: F401  (registers the fake kernels)
+    import tidar_kernels.kernels.backends.cuda_ops  # noqa: F401  (registers the fake kernels)
 
     meta = dict(device="meta")
     k, batch, q_heads, kv_heads, dim, max_len = 3, 2, 8, 2, 64, 40

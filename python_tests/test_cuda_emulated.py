@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import tidar_kernels as tk
-from tidar_kernels import backends
-from tidar_kernels.backends import Call, reference
-from tidar_kernels.mask import Layout
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds
+from tidar_kernels.kernels import backends
+from tidar_kernels.kernels.backends import Call, reference
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
 
 from test_accept_drafts import subnormal_case
 from test_cuda_decode_attention import (SKEWED_SPLITS, check_bad_decode_input_raises_before_any_write,

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from tidar_kernels import data
-from tidar_kernels.training import PAD_DOC_ID
+from tidar_kernels.training import data
+from tidar_kernels.training.objective import PAD_DOC_ID
 
 
 def test_stdlib_corpus_is_real_code_and_split_is_deterministic():

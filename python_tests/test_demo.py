@@ -1,7 +1,7 @@
 """The demo runs end to end on the CPU and reports measured, consistent figures."""
 import pytest
 
-from tidar_kernels import demo
+from tidar_kernels.training import demo
 
 
 def test_demo_short_run_prints_measured_figures(capsys):

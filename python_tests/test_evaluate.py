@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidar_kernels import evaluate as E
-from tidar_kernels import train as T
+from tidar_kernels.training import evaluate as E
+from tidar_kernels.model.loading import load_model
+from tidar_kernels.training.config import TrainArgs
+from tidar_kernels.training.trainer import train
 
-QUICK = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+QUICK = TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
                     steps=2, save_every=1, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4,
                     progress=False)
 SMALL_EVAL = dict(prompts=2, prompt_len=16, new_tokens=12, draft_lens=(2, 4), ppl_rows=3, ppl_seq_len=48)
@@ -22,7 +24,7 @@ SMALL_EVAL = dict(prompts=2, prompt_len=16, new_tokens=12, draft_lens=(2, 4), pp
 def run_dir(tmp_path_factory):
     """A tiny trainer run with checkpoints after steps 1 and 2 (same tokenizer, different weights)."""
     out = tmp_path_factory.mktemp("run")
-    T.train(dataclasses.replace(QUICK, out_dir=str(out)))
+    train(dataclasses.replace(QUICK, out_dir=str(out)))
     return out
 
 
@@ -58,11 +60,11 @@ def test_cli_writes_the_report_with_the_issue_keys(run_dir, tmp_path, capsys):
 
 def test_perplexity_is_the_direct_likelihood_of_the_heldout_rows(run_dir):
     """Recompute the model's held-out perplexity by hand from forward_causal and compare."""
-    from tidar_kernels import data as tdata
+    from tidar_kernels.training import data as tdata
     model_dir = str(run_dir / "step_000002")
     report = E.evaluate(model_dir, model_dir, **SMALL_EVAL)
     assert report["ar_perplexity"]["relative_change"] == 0.0  # a model against itself
-    model, tokenizer = T.load_checkpoint_model(model_dir)
+    model, tokenizer = load_model(model_dir)
     corpus = tdata.build_corpus(None, 0.05)
     packed = tdata.pack_documents(tokenizer.encode_batch([d.text for d in corpus.heldout]), 48, tokenizer.eos_id)
     rows, docs = packed.tokens[:3], packed.doc_ids[:3]
@@ -111,7 +113,7 @@ def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path
     if case == "another architecture":
         model, match = _gpt2_directory(tmp_path / "gpt2"), "model_type must be one of"
     elif case == "baseline with another tokenizer":
-        other = T.train(dataclasses.replace(QUICK, vocab_size=330, steps=1, save_every=0,
+        other = train(dataclasses.replace(QUICK, vocab_size=330, steps=1, save_every=0,
                                             out_dir=str(tmp_path / "other")))
         baseline, match = str(other.checkpoint), "tokenize the held-out text like the model"
     elif case == "no held-out file":

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tidar_kernels import train as T
+from tidar_kernels.model.loading import load_model
+from tidar_kernels.training.checkpointing import STATE_JSON, STATE_TENSORS
+from tidar_kernels.training.config import TrainArgs
+from tidar_kernels.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "tiny", "--max-chars", "100000", "--vocab-size", "320", "--seq-len", "32", "--block-size", "4",
@@ -23,15 +26,15 @@ def _run(nproc: int, out: Path, extra: list) -> None:
            "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints every thread's Python stack
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    done = subprocess.run(launcher + ["-m", "tidar_kernels.train", *ARGS, "--out", str(out), *extra], env=env,
+    done = subprocess.run(launcher + ["-m", "tidar_kernels", "train", *ARGS, "--out", str(out), *extra], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _files(out: Path, step: int):
     directory = out / f"step_{step:06d}"
-    history = json.loads((directory / T.STATE_JSON).read_text())["history"]
-    return history, load_file(str(directory / "model.safetensors")), load_file(str(directory / T.STATE_TENSORS))
+    history = json.loads((directory / STATE_JSON).read_text())["history"]
+    return history, load_file(str(directory / "model.safetensors")), load_file(str(directory / STATE_TENSORS))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def test_sharded_resume_is_bit_identical(runs):
 
 
 def test_sharded_checkpoint_loads_as_a_plain_model(runs):
-    model, tokenizer = T.load_checkpoint_model(str(runs / "two" / "step_000004"))
+    model, tokenizer = load_model(str(runs / "two" / "step_000004"))
     assert model.config.mask_token_id == tokenizer.mask_id
     assert torch.isfinite(model.forward_causal(torch.tensor([[5, 6, 7]]))).all()
 
@@ -90,10 +93,10 @@ def test_one_process_fsdp_matches_the_unsharded_run():
     """``fsdp=True`` without torchrun: a one-process group is made (and ended); the losses are the plain run's."""
     import dataclasses
     import torch.distributed as dist
-    args = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+    args = TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
                        steps=3, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False)
-    plain = T.train(args)
-    sharded = T.train(dataclasses.replace(args, fsdp=True))
+    plain = train(args)
+    sharded = train(dataclasses.replace(args, fsdp=True))
     assert not dist.is_initialized()
     for a, b in zip(plain.history, sharded.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
@@ -104,11 +107,11 @@ def test_one_process_fsdp_matches_the_unsharded_run():
 def test_fsdp_bf16_mixed_precision_on_cuda_trains_like_autocast():
     """On CUDA FSDP2 computes in bf16 (fp32 master weights and reductions): losses track bf16 autocast's."""
     import dataclasses
-    args = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+    args = TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
                        steps=5, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False,
                        device="cuda")
-    autocast = T.train(args)
-    sharded = T.train(dataclasses.replace(args, fsdp=True))
+    autocast = train(args)
+    sharded = train(dataclasses.replace(args, fsdp=True))
     assert all(p.dtype == torch.float32 for p in sharded.model.parameters())  # master weights
     for a, b in zip(autocast.history, sharded.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (a, b)

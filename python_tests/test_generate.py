@@ -10,10 +10,10 @@ import torch
 from cuda_checks import assert_steps_never_sync
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
-from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
-from tidar_kernels.kv_cache import KVCache
-from tidar_kernels.mask import Layout
-from tidar_kernels.model import AttentionContext, Transformer, TransformerConfig
+from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate
+from tidar_kernels.model.kv_cache import KVCache
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
 
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1], [4]]
 
@@ -231,13 +231,13 @@ def test_prompt_longer_than_cache():
 
 
 def test_cli_streams_and_reports(tmp_path, capsys):
-    """``python -m tidar_kernels.generate`` on one of our checkpoints with a word-level tokenizer."""
+    """``python -m tidar_kernels generate`` on one of our checkpoints with a word-level tokenizer."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    from tidar_kernels.checkpoints import save_pretrained
-    from tidar_kernels.generate import main
+    from tidar_kernels.model.checkpoints import save_pretrained
+    from tidar_kernels.model.generate import main
 
     save_pretrained(tiny_model(0, vocab_size=97), tmp_path)
     tokenizer = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
@@ -285,7 +285,7 @@ def test_bf16_agreement_rate():
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_step_never_syncs(temperature):
     """A decode step (TiDAR and AR) launches work only: CUDA's sync debug mode turns any sync into an error."""
-    from tidar_kernels import generate
+    from tidar_kernels.model import generate
 
     model = tiny_model(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")

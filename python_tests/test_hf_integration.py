@@ -14,9 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tidar_kernels import checkpoints, training  # noqa: E402
+from tidar_kernels.model import checkpoints  # noqa: E402
+from tidar_kernels.training import objective as training  # noqa: E402
 from tidar_kernels.integrations import transformers as tt  # noqa: E402
-from tidar_kernels.testing import assert_close_by_rule  # noqa: E402
+from tidar_kernels.kernels.tolerance import assert_close_by_rule  # noqa: E402
 
 VOCAB = 97
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tidar_kernels import append_attention, decode_attention
-from tidar_kernels.kv_cache import KVCache
+from tidar_kernels.model.kv_cache import KVCache
 
 BATCH, MAX_LEN, HEADS, DIM = 3, 12, 2, 4
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tidar_kernels as tk
-from tidar_kernels import mask as M
-from tidar_kernels.mask import Layout, TileKind
+from tidar_kernels.kernels import mask as M
+from tidar_kernels.kernels.mask import Layout, TileKind
 
 import mask_cases
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tidar_kernels.checkpoints import load_hf
-from tidar_kernels.model import CONFIGS, Transformer, TransformerConfig
+from tidar_kernels.model.checkpoints import load_hf
+from tidar_kernels.model.transformer import CONFIGS, Transformer, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,9 +123,9 @@ def test_bad_input():
 
 
 def test_attention_context_errors():
-    from tidar_kernels.kv_cache import KVCache
-    from tidar_kernels.mask import Layout
-    from tidar_kernels.model import AttentionContext
+    from tidar_kernels.model.kv_cache import KVCache
+    from tidar_kernels.kernels.mask import Layout
+    from tidar_kernels.model.transformer import AttentionContext
 
     cache = KVCache(n_layers=1, batch=1, max_len=8, n_kv_heads=2, head_dim=16)
     with pytest.raises(ValueError, match="cache must be a KVCache"):

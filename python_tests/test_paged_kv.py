@@ -20,14 +20,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 import tidar_kernels as tk
-from tidar_kernels import backends
-from tidar_kernels.backends import reference
-from tidar_kernels.backends.cuda_kernels import kernels_support
-from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate
-from tidar_kernels.kv_cache import KVCache, PagedKVCache
-from tidar_kernels.mask import Layout
-from tidar_kernels.model import Transformer, TransformerConfig
-from tidar_kernels.ops import MAX_PAGE_SIZE
+from tidar_kernels.kernels import backends
+from tidar_kernels.kernels.backends import reference
+from tidar_kernels.kernels.backends.cuda_kernels import kernels_support
+from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate
+from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.model.transformer import Transformer, TransformerConfig
+from tidar_kernels.kernels.ops import MAX_PAGE_SIZE
 
 PAGED_BACKENDS = cpu_cached_backends(paged=True)
 PAGE_SIZES = [1, 3, 16, 64]
@@ -534,7 +534,7 @@ def test_finished_sequences_give_their_pages_back(monkeypatch):
 
 def test_page_management_at_a_stop_check():
     """Running sequences get pages for ``steps * k`` more rows; a finished one keeps only its scratch rows'."""
-    from tidar_kernels import generate
+    from tidar_kernels.model import generate
 
     model = tiny_model(0)
     ids, lens = pad_prompts(PROMPTS)
@@ -674,7 +674,7 @@ def test_paged_loops_on_gpu_match_contiguous():
 @pytest.mark.gpu
 def test_paged_step_never_syncs():
     """Pages are reserved at the stop check; the step itself only launches work."""
-    from tidar_kernels import generate
+    from tidar_kernels.model import generate
 
     model = tiny_model(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")

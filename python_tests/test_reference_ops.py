@@ -1,7 +1,7 @@
 """The PyTorch reference ops against SDPA with the dense mask, their cache writes,
 torch.library registration (opcheck, torch.compile) and backend selection.
 
-Accuracy uses the one tolerance rule (tidar_kernels/testing.py) with SDPA as the
+Accuracy uses the one tolerance rule (tidar_kernels/kernels/tolerance.py) with SDPA as the
 independent ground truth: SDPA in fp64 is ``reference_hi``, SDPA in the input dtype
 ``reference_lo``, and the bound is attention's forward-error bound."""
 import pytest
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import tidar_kernels as tk
-from tidar_kernels import backends
-from tidar_kernels.backends import reference
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds
+from tidar_kernels.kernels import backends
+from tidar_kernels.kernels.backends import reference
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 GQA = [pytest.param((4, 4), id="mha"), pytest.param((6, 2), id="gqa3"), pytest.param((8, 1), id="mqa")]

@@ -1,4 +1,4 @@
-"""The roofline cost model (tidar_kernels/roofline.py) and the planners built on it, on the CPU.
+"""The roofline cost model (tidar_kernels/kernels/roofline.py) and the planners built on it, on the CPU.
 
 Figures: H100 SXM and H200 (132 SMs, 989 TFLOP/s dense bf16, 3.35 / 4.8 TB/s), A100 SXM
 80GB (108 SMs, 312 TFLOP/s, 2.039 TB/s) for sm_80.
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import decode_plan_cases
-from tidar_kernels import roofline
-from tidar_kernels.roofline import A100, H100, H200, CachedKernel, CachedStep
+from tidar_kernels.kernels import roofline
+from tidar_kernels.kernels.roofline import A100, H100, H200, CachedKernel, CachedStep
 
 QWEN25, QWEN3 = (12, 2), (32, 8)
 
@@ -163,7 +163,7 @@ def test_cuda_planner_cases_are_current():
 
 
 def test_triton_planner_uses_the_model_and_static_sizes():
-    triton_ops = pytest.importorskip("tidar_kernels.backends.triton_ops")
+    triton_ops = pytest.importorskip("tidar_kernels.kernels.backends.triton_ops")
     plan = triton_ops.plan_cached(torch.bfloat16, 1, 272, 12, 2, 128, 4096, 16, H100)
     again = triton_ops.plan_cached(torch.bfloat16, 1, 272, 12, 2, 128, 4096, 16, H100)
     assert plan == again
@@ -189,7 +189,7 @@ def test_triton_planner_uses_the_model_and_static_sizes():
 
 def test_model_forward_counts_weights_cache_and_flops():
     """Qwen2.5-1.5B AR step: 1.54 G weights (bf16 3.09 GB) read once dominate; memory-bound."""
-    from tidar_kernels.model import CONFIGS
+    from tidar_kernels.model.transformer import CONFIGS
     config = CONFIGS["qwen2.5-1.5b"]
     flops, hbm_bytes = roofline.model_forward(config, 1, 1, 4096, 1)
     layers = 28 * (1536 * 128 * (2 * 12 + 2 * 2) + 3 * 1536 * 8960)

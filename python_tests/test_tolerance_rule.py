@@ -1,4 +1,4 @@
-"""The tolerance rule (tidar_kernels/testing.py) still bites: wrong results fail it by a wide margin.
+"""The tolerance rule (tidar_kernels/kernels/tolerance.py) still bites: wrong results fail it by a wide margin.
 
 Each wrong result is built with the package's reference ops from a small training-layout
 problem (odd shapes, GQA): a row that lost a key, the softmax scale off by 1 %, one mask
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tidar_kernels as tk
-from tidar_kernels.backends import reference
-from tidar_kernels.mask import Layout
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds, rule_error
+from tidar_kernels.kernels.backends import reference
+from tidar_kernels.kernels.mask import Layout
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds, rule_error
 
 SEQ_LEN, BLOCK, Q_HEADS, KV_HEADS, HEAD_DIM = 10, 5, 4, 2, 24  # rows = 2 * SEQ_LEN
 MARGIN = 10.0  # a wrong result must exceed the allowed error this many times

@@ -10,21 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidar_kernels import data as tdata
-from tidar_kernels import train as T
-from tidar_kernels.checkpoints import save_pretrained
-from tidar_kernels.model import Transformer, TransformerConfig
+from tidar_kernels.training import data as tdata
+from tidar_kernels.model.loading import LATEST
+from tidar_kernels.training.checkpointing import STATE_JSON, resolve_checkpoint, save_checkpoint
+from tidar_kernels.training.config import TrainArgs, parse_args
+from tidar_kernels.training.trainer import make_optimizer, make_scheduler, train
+from tidar_kernels.model.checkpoints import save_pretrained
+from tidar_kernels.model.transformer import Transformer, TransformerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A few seconds of training on a 100k-character slice of the stdlib: the fast runs below.
-QUICK = T.TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
+QUICK = TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
                     steps=4, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False)
 
 
 def checkpoint_dirs(out: Path) -> list:
     """Everything the trainer left in ``out`` except the ``latest`` pointer."""
-    return sorted(p.name for p in out.iterdir() if p.name != T.LATEST) if out.exists() else []
+    return sorted(p.name for p in out.iterdir() if p.name != LATEST) if out.exists() else []
 
 
 # ----------------------------------------------------------------------------
@@ -40,10 +43,10 @@ def trained():
     identifiers several predictable tokens, which a 0.1 M-parameter model learns
     to draft within 200 steps (measured 1.7 tokens per forward at k = 4).
     """
-    args = T.TrainArgs(config="tiny", max_chars=1_000_000, vocab_size=320, seq_len=64, block_size=4,
+    args = TrainArgs(config="tiny", max_chars=1_000_000, vocab_size=320, seq_len=64, block_size=4,
                        batch_size=16, steps=200, lr=5e-3, eval_rows=32, eval_prompts=6, eval_prompt_len=32,
                        eval_new_tokens=48, progress=False, seed=0)
-    return T.train(args)
+    return train(args)
 
 
 def test_trained_tiny_model_drafts_and_beats_unigram(trained):
@@ -60,7 +63,7 @@ def test_trained_tiny_model_drafts_and_beats_unigram(trained):
 
 
 def test_trained_model_tidar_equals_ar(trained):
-    from tidar_kernels.generate import ar_generate, tidar_generate
+    from tidar_kernels.model.generate import ar_generate, tidar_generate
     for prompt in trained.datasets.heldout_prompts[:2]:
         ids = torch.tensor([prompt])
         ar = ar_generate(trained.model, ids, 24)
@@ -75,19 +78,19 @@ def test_trained_model_tidar_equals_ar(trained):
 
 def test_resume_is_bit_identical(tmp_path):
     args = dataclasses.replace(QUICK, steps=6, save_every=3, micro_batch_size=2)  # accumulation too
-    full = T.train(dataclasses.replace(args, out_dir=str(tmp_path / "full")))
+    full = train(dataclasses.replace(args, out_dir=str(tmp_path / "full")))
     assert checkpoint_dirs(tmp_path / "full") == ["step_000003", "step_000006"]
-    resumed = T.train(dataclasses.replace(args, out_dir=str(tmp_path / "resumed")),
+    resumed = train(dataclasses.replace(args, out_dir=str(tmp_path / "resumed")),
                       resume=str(tmp_path / "full" / "step_000003"))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     # a run directory resumes from its latest checkpoint
-    assert T.resolve_checkpoint(str(tmp_path / "full")).name == "step_000006"
+    assert resolve_checkpoint(str(tmp_path / "full")).name == "step_000006"
 
 
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    result = T.train(dataclasses.replace(QUICK, steps=1))
+    result = train(dataclasses.replace(QUICK, steps=1))
 
     def broken_save(self, directory):
         (Path(directory) / "tokenizer.json").write_text("half")
@@ -95,19 +98,19 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tdata.TextTokenizer, "save", broken_save)
     model = result.model
-    opt = T.make_optimizer(model, QUICK)
+    opt = make_optimizer(model, QUICK)
     with pytest.raises(OSError, match="disk full"):
-        T.save_checkpoint(tmp_path, 1, model, result.tokenizer, opt, T.make_scheduler(opt, QUICK),
+        save_checkpoint(tmp_path, 1, model, result.tokenizer, opt, make_scheduler(opt, QUICK),
                           tdata.BatchSampler(3, 0), QUICK)
     assert checkpoint_dirs(tmp_path) == []
-    assert not (tmp_path / T.LATEST).exists()
+    assert not (tmp_path / LATEST).exists()
 
 
 def test_rewriting_a_step_keeps_the_old_checkpoint_when_the_rename_fails(tmp_path, monkeypatch):
-    result = T.train(dataclasses.replace(QUICK, steps=1))
-    opt = T.make_optimizer(result.model, QUICK)
-    save = lambda: T.save_checkpoint(tmp_path, 1, result.model, result.tokenizer, opt,  # noqa: E731
-                                     T.make_scheduler(opt, QUICK), tdata.BatchSampler(3, 0), QUICK)
+    result = train(dataclasses.replace(QUICK, steps=1))
+    opt = make_optimizer(result.model, QUICK)
+    save = lambda: save_checkpoint(tmp_path, 1, result.model, result.tokenizer, opt,  # noqa: E731
+                                     make_scheduler(opt, QUICK), tdata.BatchSampler(3, 0), QUICK)
     first = save()
     before = sorted(p.name for p in first.iterdir())
     real_replace = os.replace
@@ -117,13 +120,13 @@ def test_rewriting_a_step_keeps_the_old_checkpoint_when_the_rename_fails(tmp_pat
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(T.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="rename failed"):
         save()
-    monkeypatch.setattr(T.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert checkpoint_dirs(tmp_path) == ["step_000001"]  # the old one, back in place; no temp dirs left
     assert sorted(p.name for p in first.iterdir()) == before
-    assert T.resolve_checkpoint(str(tmp_path)) == first
+    assert resolve_checkpoint(str(tmp_path)) == first
     save()  # a working rewrite replaces it and leaves nothing else behind
     assert checkpoint_dirs(tmp_path) == ["step_000001"]
 
@@ -144,20 +147,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "PYTHONFAULTHANDLER": "1"}  # a crashed rank prints every thread's Python stack
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "tidar_kernels.train"]
+                "-m", "tidar_kernels", "train"]
     two = subprocess.run(torchrun + _cli(tmp_path, "two", ["--micro-batch-size", "2"]), env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "tidar_kernels.train"] + _cli(tmp_path, "one", []), env=env,
+    one = subprocess.run([sys.executable, "-m", "tidar_kernels", "train"] + _cli(tmp_path, "one", []), env=env,
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    states = [json.loads((T.resolve_checkpoint(str(tmp_path / n)) / T.STATE_JSON).read_text()) for n in ("one", "two")]
+    states = [json.loads((resolve_checkpoint(str(tmp_path / n)) / STATE_JSON).read_text()) for n in ("one", "two")]
     for a, b in zip(states[0]["history"], states[1]["history"]):
         for key in ("loss", "ar", "diffusion"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a, b)
     assert len(states[1]["history"]) == 3
     from safetensors.torch import load_file
-    w1, w2 = (load_file(str(T.resolve_checkpoint(str(tmp_path / n)) / "model.safetensors")) for n in ("one", "two"))
+    w1, w2 = (load_file(str(resolve_checkpoint(str(tmp_path / n)) / "model.safetensors")) for n in ("one", "two"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-3)  # Adam amplifies rounding of ~0 grads
 
@@ -186,7 +189,7 @@ def test_continual_pretraining_from_hf_directory(tmp_path):
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
-    result = T.train(dataclasses.replace(QUICK, init=str(hf_dir), steps=2))
+    result = train(dataclasses.replace(QUICK, init=str(hf_dir), steps=2))
     assert result.model.config.mask_token_id == 320 == result.tokenizer.mask_id
     assert result.model.config.vocab_size == 321
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in result.history])))
@@ -229,7 +232,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
     else:
         args, match = dataclasses.replace(args, batch_size=4, micro_batch_size=3), "batch_size must be a multiple"
     with pytest.raises(ValueError, match=match):
-        T.train(args, resume=resume)
+        train(args, resume=resume)
     assert checkpoint_dirs(out) == []
 
 
@@ -241,9 +244,9 @@ def test_bad_counts_are_named_in_the_error(field, value):
 
 
 def test_cli_parses_overrides_and_types():
-    args, resume = T.parse_args(["--config", "small", "--override", "dim=128", "qk_norm=True", "--steps", "7",
+    args, resume = parse_args(["--config", "small", "--override", "dim=128", "qk_norm=True", "--steps", "7",
                                  "--lr", "1e-3", "--max-chars", "5000", "--resume", "runs/x"])
     assert (args.config, args.overrides, args.steps, args.lr, args.max_chars, resume) == \
         ("small", {"dim": 128, "qk_norm": True}, 7, 1e-3, 5000, "runs/x")
     with pytest.raises(ValueError, match="FIELD=VALUE"):
-        T.parse_args(["--override", "dim"])
+        parse_args(["--override", "dim"])

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from tidar_kernels.model import Transformer, TransformerConfig
-from tidar_kernels.training import (IGNORE_INDEX, PAD_DOC_ID, build_training_batch, causal_labels, label_counts,
+from tidar_kernels.model.transformer import Transformer, TransformerConfig
+from tidar_kernels.training.objective import (IGNORE_INDEX, PAD_DOC_ID, build_training_batch, causal_labels, label_counts,
                                     tidar_loss)
 
 MASK = 96  # the "tiny" config's mask token id

@@ -7,10 +7,10 @@ then bf16 joins and the ``gpu`` tests run: CUDA-graph capture of a decode step,
 torch.compile, head dims 64/128 at model sizes). The module is skipped when neither
 is possible. Shapes are odd on purpose and small: the interpreter is slow.
 
-Every comparison uses :func:`tidar_kernels.testing.assert_close_by_rule`: the
+Every comparison uses :func:`tidar_kernels.kernels.tolerance.assert_close_by_rule`: the
 kernel's error against fp64 math must be at most twice PyTorch's error doing the
 same math in the kernel's dtype plus the forward-error bound of attention in that
-dtype (:func:`tidar_kernels.testing.attention_bounds`).
+dtype (:func:`tidar_kernels.kernels.tolerance.attention_bounds`).
 """
 import os
 
@@ -27,10 +27,10 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import tidar_kernels as tk  # noqa: E402
-from tidar_kernels import backends  # noqa: E402
-from tidar_kernels.backends import reference  # noqa: E402
-from tidar_kernels.mask import Layout, layout_clean_rows, rows_written_to_cache  # noqa: E402
-from tidar_kernels.testing import assert_close_by_rule, attention_bounds  # noqa: E402
+from tidar_kernels.kernels import backends  # noqa: E402
+from tidar_kernels.kernels.backends import reference  # noqa: E402
+from tidar_kernels.kernels.mask import Layout, layout_clean_rows, rows_written_to_cache  # noqa: E402
+from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 TRITON = backends.load("triton")
@@ -246,7 +246,7 @@ def test_prefill_random_cases(padded, draft_len, data):
 def test_split_cases_split_on_the_interpreter(dtype):
     """The cases named "-split" above run the split path and merge on the interpreter's small
     GPU (``INTERPRETER_SM_COUNT`` SMs): the planner, from static sizes only, splits them."""
-    from tidar_kernels.backends import triton_ops
+    from tidar_kernels.kernels.backends import triton_ops
     device = triton_ops.device_figures(torch.device("cpu"))
     spare = 5  # check_cached's default
     cases = [(Layout.DECODE, k + k * k, k, lens, heads) for k, lens, heads in
@@ -351,7 +351,7 @@ def test_decode_step_cuda_graph_replay_with_changing_lengths(monkeypatch, tma):
     if tma:
         if torch.cuda.get_device_capability() < (9, 0):
             pytest.skip("TMA needs sm_90+")
-        from tidar_kernels.backends import triton_ops
+        from tidar_kernels.kernels.backends import triton_ops
         monkeypatch.setattr(triton_ops, "TMA_REQUESTED", True)
     draft_len, batch, heads, head_dim, max_len = 4, 3, (12, 2), 128, 2048
     rows = draft_len + draft_len * draft_len

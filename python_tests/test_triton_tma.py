@@ -21,8 +21,8 @@ if not (INTERPRET or torch.cuda.is_available()):
 pytest.importorskip("triton")
 
 import tidar_kernels as tk  # noqa: E402
-from tidar_kernels.backends import triton_ops  # noqa: E402
-from tidar_kernels.mask import Layout  # noqa: E402
+from tidar_kernels.kernels.backends import triton_ops  # noqa: E402
+from tidar_kernels.kernels.mask import Layout  # noqa: E402
 
 from cached_cases import check_cached_call  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_switch_is_read_at_import_and_off_by_default():
     import sys
     if "TIDAR_TRITON_TMA" not in os.environ:
         assert triton_ops.TMA_REQUESTED is False
-    code = "from tidar_kernels.backends import triton_ops; print(triton_ops.TMA_REQUESTED)"
+    code = "from tidar_kernels.kernels.backends import triton_ops; print(triton_ops.TMA_REQUESTED)"
     result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TIDAR_TRITON_TMA="1"),
                             capture_output=True, text=True, check=True)
     assert result.stdout.split()[-1] == "True"
@@ -181,9 +181,9 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 def test_tma_on_gpu_matches_pointer_loop(monkeypatch, heads, head_dim, draft_len, cache_lens, dtype):
     """Same inputs (NaN past ``n``), TMA on vs off: the rule between them (tiles and order are the
     same, so they should agree far inside it), the same cache writes, and TMA really taken."""
-    from tidar_kernels.testing import assert_close_by_rule, attention_bounds
-    from tidar_kernels.backends import reference
-    from tidar_kernels.mask import layout_clean_rows
+    from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
+    from tidar_kernels.kernels.backends import reference
+    from tidar_kernels.kernels.mask import layout_clean_rows
     inputs = _decode_inputs(dtype, cache_lens, heads, head_dim, draft_len, "cuda")
     out_on, k_on, v_on, flags_on = _decode_with_tma(monkeypatch, True, inputs, draft_len)
     out_off, k_off, v_off, flags_off = _decode_with_tma(monkeypatch, False, inputs, draft_len)

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 export TIDAR_BUILD_EMULATED="${TIDAR_BUILD_EMULATED:-0}"
 # shellcheck source=scripts/setup_env.sh
 . scripts/setup_env.sh
-python -m tidar_kernels.demo "$@"
+python -m tidar_kernels demo "$@"

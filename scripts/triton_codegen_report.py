@@ -3,7 +3,7 @@
 For each headline shape (decode k = 4, 8, 16 with Qwen2.5-1.5B 12/2 and Qwen3-8B 32/8
 heads, head dim 128, cache 4096, batch 1 and 8; the AR step; training S = 2048, block
 16, forward and backward; bf16) the backend's own op functions in
-``tidar_kernels/backends/triton_ops.py`` run on ``meta`` tensors with their kernel
+``tidar_kernels/kernels/backends/triton_ops.py`` run on ``meta`` tensors with their kernel
 launchers replaced by a recorder and the planner's device figures set to the target
 GPU (``sm_90a``: H100, ``sm_80``: A100). So every launch configuration (tiles, warps,
 stages, splits, grid) is exactly what the backend picks, from the same planning
@@ -18,7 +18,7 @@ PTX), ``tma`` (bulk tensor copies in the PTX), registers and spill bytes (ptxas)
 shared memory (Triton), grid and, for the cached kernel, ``splits``, ``partial_bytes``
 (split partials written and read: outputs in the input dtype, fp32 log-sum-exps) and
 ``ideal_bytes`` (what the step must move), with the roofline model's estimate
-(``tidar_kernels/roofline.py``).
+(``tidar_kernels/kernels/roofline.py``).
 
 ``setmaxnreg`` / ``mbarrier`` (PTX instructions) and ``warp_specialized`` (a
 ``ttg.warp_specialize`` region in the TTGIR) say whether Triton warp-specialised a kernel.
@@ -63,9 +63,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from tidar_kernels import roofline  # noqa: E402
-from tidar_kernels.backends import triton_ops  # noqa: E402
-from tidar_kernels.mask import Layout, rows_written_to_cache  # noqa: E402
+from tidar_kernels.kernels import roofline  # noqa: E402
+from tidar_kernels.kernels.backends import triton_ops  # noqa: E402
+from tidar_kernels.kernels.mask import Layout, rows_written_to_cache  # noqa: E402
 
 ARCHS = {"sm_90a": (90, roofline.H100), "sm_80": (80, roofline.A100)}
 MODELS = {"qwen2.5-1.5b": (12, 2), "qwen3-8b": (32, 8)}

@@ -3,7 +3,7 @@
 // the CUDA backend (bindings_common.h), on CPU tensors.
 //
 // Registers tidar::cached_attention_cuda_emulated and tidar::accept_drafts_cuda_emulated for
-// the CPU; fakes in tidar_kernels/backends/cuda_emulated_ops.py.
+// the CPU; fakes in tidar_kernels/kernels/backends/cuda_emulated_ops.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 

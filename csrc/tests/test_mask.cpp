@@ -1,4 +1,4 @@
-// Host test of csrc/tidar_mask.h: every case exported from tidar_kernels/mask.py
+// Host test of csrc/tidar_mask.h: every case exported from tidar_kernels/kernels/mask.py
 // (python_tests/mask_cases.py -> csrc/tests/mask_cases.txt) must be reproduced
 // exactly, so the CUDA kernels' mask logic is checked without a GPU.
 #include <sstream>

@@ -24,7 +24,7 @@ RoPE at the position ids given, norms, MLP, LM head); only attention changes.
 * :func:`tidar_loss` is TiDAR's training objective through the model's own forward;
   :class:`TiDARDataCollator` and :func:`tidar_compute_loss_func` plug it into
   ``transformers.Trainer``.
-* :func:`generate` is :func:`tidar_kernels.generate.tidar_generate` on the model's
+* :func:`generate` is :func:`tidar_kernels.model.generate.tidar_generate` on the model's
   modules (through :class:`HFDecoder`), returning ids like ``model.generate``; it
   also works as ``model.generate(..., custom_generate=generate, draft_len=k)``.
 
@@ -42,13 +42,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .. import ops
-from ..checkpoints import init_mask_row, mask_token_slot
-from ..generate import StopTokens, tidar_generate
-from ..mask import Layout, training_position_ids
-from ..model import CAUSAL, AttentionContext
-from ..training import IGNORE_INDEX, PAD_DOC_ID, build_training_batch
-from ..training import tidar_loss as loss_from_logits
+from ..kernels import ops
+from ..kernels.mask import Layout, training_position_ids
+from ..model.checkpoints import init_mask_row, mask_token_slot
+from ..model.generate import StopTokens, tidar_generate
+from ..model.transformer import CAUSAL, AttentionContext
+from ..training.objective import IGNORE_INDEX, PAD_DOC_ID, build_training_batch
+from ..training.objective import tidar_loss as loss_from_logits
 
 ATTN_IMPLEMENTATION = "tidar"
 MASK_TOKEN = "<|mask|>"
@@ -115,7 +115,7 @@ def _attend_over_hf_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 def tidar_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                          mask_function=None, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> None:
-    """The ``"tidar"`` mask interface builds no mask: the tidar ops take the rule from :mod:`tidar_kernels.mask`.
+    """The ``"tidar"`` mask interface builds no mask: the tidar ops take the rule from :mod:`tidar_kernels.kernels.mask`.
 
     It only checks what the attention function cannot see: that the keys are
     exactly the past and the new rows (a growing cache such as ``DynamicCache``;
@@ -239,10 +239,10 @@ def prepare_model(model, tokenizer=None) -> int:
     A model prepared before (``config.tidar_mask_token_id`` set, e.g. after
     ``save_pretrained`` and reload) keeps its id. Otherwise the tokenizer's own mask
     token is used as is if it has one; else ``<|mask|>`` is added to the tokenizer (when
-    given) and gets the embedding row :mod:`tidar_kernels.checkpoints` picks: the
+    given) and gets the embedding row :mod:`tidar_kernels.model.checkpoints` picks: the
     first row the tokenizer does not use, or a new row (embedding and LM head
     resized together, tied or not). The row is initialised to the mean of the
-    token rows, like :func:`tidar_kernels.checkpoints.add_mask_token`.
+    token rows, like :func:`tidar_kernels.model.checkpoints.add_mask_token`.
     """
     check_supported(model)
     existing = getattr(model.config, CONFIG_KEY, None)
@@ -326,7 +326,7 @@ def tidar_loss(model, input_ids: torch.Tensor, block_size: int, alpha: float = 1
 
     Runs the HF model's own forward on the ``[clean | mask]`` layout (positions
     ``[0..S-1, 0..S-1]``) with ``training_attention``; labels and loss are
-    :mod:`tidar_kernels.training`'s. ``attention_mask`` marks padding (left or right).
+    :mod:`tidar_kernels.training.objective`'s. ``attention_mask`` marks padding (left or right).
     """
     check_supported(model)
     mask_id = mask_token_id(model)
@@ -410,7 +410,7 @@ class _DecoderShape:
 
 
 class HFDecoder:
-    """A Hugging Face causal LM as the decode loop's :class:`tidar_kernels.generate.DecoderModel`.
+    """A Hugging Face causal LM as the decode loop's :class:`tidar_kernels.model.generate.DecoderModel`.
 
     Calls the model's base (embedding, layers, final norm) with the loop's token
     and position ids and passes the loop's :class:`AttentionContext` to every
@@ -450,7 +450,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int
     ``pad_token_id`` after a stop token, the output as wide as the longest row
     needs. ``eos_token_id`` / ``pad_token_id`` default to the model's
     ``generation_config`` (as ``model.generate``); the rest is
-    :func:`tidar_kernels.generate.tidar_generate` (``beta = 1`` and greedy
+    :func:`tidar_kernels.model.generate.tidar_generate` (``beta = 1`` and greedy
     equals plain greedy decoding; ``temperature > 0`` samples with the exact
     speculative acceptance). ``cuda_graph`` captures the step on CUDA (off by
     default: transformers' forward may synchronise with the host).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C_emulated  # noqa: F401  (ImportError without the extension: backend unavailable)
+from ... import _C_emulated  # noqa: F401  (ImportError without the extension: backend unavailable)
 from . import Backend, Call
 from .cuda_kernels import kernels_support, register_fakes
 

@@ -12,7 +12,7 @@ Acceptance models (``acceptance=``):
 * a float ``a`` in ``[0, 1]``: per-token acceptance probability, geometric:
   ``d_0`` is always accepted, each further draft with probability ``a`` until
   the first rejection, so ``E[acc | k] = sum_{i<k} a**i``;
-* a histogram ``h`` as :class:`tidar_kernels.generate.GenerationResult`'s
+* a histogram ``h`` as :class:`tidar_kernels.model.generate.GenerationResult`'s
   ``acceptance_histogram`` from a run at draft length ``K = len(h) - 1``:
   ``h[c]`` steps accepted ``c`` tokens (``h[0]``, steps of finished sequences,
   is ignored). With the same drafter and a shorter draft the chain is cut at
@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import ops
+from ..kernels import ops
 from .kv_cache import KVCache
-from .mask import Layout, local_position_ids
-from .model import AttentionContext, Transformer
+from ..kernels.mask import Layout, local_position_ids
+from .transformer import AttentionContext, Transformer
 
 Acceptance = Union[float, Sequence[float]]
 

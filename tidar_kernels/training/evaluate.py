@@ -1,6 +1,6 @@
 """Evaluate a TiDAR model on held-out text: drafting, AR quality, speed.
 
-``python -m tidar_kernels.evaluate MODEL [--baseline MODEL] [--json PATH]``
+``python -m tidar_kernels evaluate MODEL [--baseline MODEL] [--json PATH]``
 
 ``MODEL`` is a checkpoint directory of this package (``save_pretrained``, e.g. a
 trainer's ``step_NNNNNN``, or a run directory: its latest checkpoint), a Hugging
@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data as tdata
-from .training import IGNORE_INDEX, causal_labels
+from ..model.generate import ar_generate, tidar_generate
+from ..model.loading import load_model, resolve_run_dir
+from .objective import IGNORE_INDEX, causal_labels
 
 DEFAULT_DRAFT_LENS = (2, 4, 8, 16)
 WARMUP_TOKENS = 8  # generated per mode before timing
@@ -86,7 +88,6 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
     A short untimed warm-up (first prompt, a few tokens, every mode) precedes the
     timed runs, so one-time costs (allocation, backend selection) are not timed.
     """
-    from .generate import ar_generate, tidar_generate
 
     model.eval()
     ids = [torch.tensor([p], device=device) for p in prompts]
@@ -145,14 +146,6 @@ def _versions() -> dict:
     return versions
 
 
-def _latest_checkpoint(path: Optional[str]) -> Optional[str]:
-    """A trainer run directory stands for the checkpoint its ``latest`` file names; other paths are kept."""
-    from .train import LATEST
-    if path is not None and (Path(path) / LATEST).is_file():
-        return str(Path(path) / (Path(path) / LATEST).read_text().strip())
-    return path
-
-
 def _checkpoint_summary(path: str, model) -> dict:
     """What the model is: its source, size and, for a trainer checkpoint, how it was trained."""
     summary = {"path": path, "parameters": sum(p.numel() for p in model.parameters()),
@@ -175,9 +168,7 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     Every argument is checked before a model is loaded; the JSON file is
     written atomically (temp file + rename) only once every figure exists.
     """
-    from .train import held_out_prompts, load_checkpoint_model
-
-    model_path, baseline_path = (_latest_checkpoint(path) for path in (model_path, baseline_path))
+    model_path, baseline_path = (None if path is None else resolve_run_dir(path) for path in (model_path, baseline_path))
 
     for name, value in (("prompts", prompts), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("ppl_rows", ppl_rows), ("ppl_seq_len", ppl_seq_len)):
@@ -192,17 +183,17 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     corpus = tdata.build_corpus(list(data) if data else None, heldout_fraction, require_heldout=True)
 
     started = time.perf_counter()
-    model, tokenizer = load_checkpoint_model(model_path)
+    model, tokenizer = load_model(model_path)
     model = model.to(dev, torch_dtype).eval()
     heldout_ids = tokenizer.encode_batch([d.text for d in corpus.heldout])
     baseline = None
     if baseline_path is not None:  # loaded and checked before any measurement
-        baseline, baseline_tokenizer = load_checkpoint_model(baseline_path)
+        baseline, baseline_tokenizer = load_model(baseline_path)
         if baseline_tokenizer.encode_batch([d.text for d in corpus.heldout]) != heldout_ids:
             raise ValueError(f"baseline {baseline_path!r} must tokenize the held-out text like the model "
                              f"{model_path!r} (the same tokenizer), it does not: perplexities would not compare")
         baseline = baseline.to(dev, torch_dtype).eval()
-    prompt_ids = held_out_prompts(heldout_ids, prompt_len, prompts)
+    prompt_ids = tdata.held_out_prompts(heldout_ids, prompt_len, prompts)
     if len(prompt_ids) < prompts:
         raise ValueError(f"prompts={prompts} needs that many held-out documents of >= {2 * prompt_len} tokens, "
                          f"the held-out split has {len(prompt_ids)}; lower prompts or prompt_len")
@@ -266,7 +257,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tidar_kernels.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tidar_kernels evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="checkpoint directory (ours or Hugging Face) or 'smollm2'")
     p.add_argument("--baseline", default=None, help="model to compare AR perplexity with (e.g. 'smollm2')")
@@ -283,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--json", dest="json_path", default=None, help="write the report here")
     args = vars(p.parse_args(argv))
-    command = shlex.join(["python", "-m", "tidar_kernels.evaluate"] + list(sys.argv[1:] if argv is None else argv))
+    command = shlex.join(["python", "-m", "tidar_kernels", "evaluate"] + list(sys.argv[1:] if argv is None else argv))
     report = evaluate(args.pop("model"), args.pop("baseline"), command=command, **args)
     print(format_table(report))
     if args["json_path"]:

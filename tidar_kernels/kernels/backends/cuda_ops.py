@@ -1,7 +1,7 @@
 """The ``cuda`` backend: hand-written CUDA kernels from the ``tidar_kernels._C`` extension.
 
 Importing ``tidar_kernels._C`` registers the ops ``tidar::cached_attention_cuda``
-(the fused decode step, :data:`~tidar_kernels.mask.Layout.DECODE` only) and
+(the fused decode step, :data:`~tidar_kernels.kernels.mask.Layout.DECODE` only) and
 ``tidar::accept_drafts_cuda`` (greedy accept and in-place commit) with their
 schemas and CUDA kernels (``csrc/bindings.cpp``). This module adds their fake
 implementations (shapes only, for torch.compile and opcheck) and says which calls
@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .. import _C  # noqa: F401  (ImportError without the extension: backend unavailable)
+from ... import _C  # noqa: F401  (ImportError without the extension: backend unavailable)
 from . import Backend, Call
 from .cuda_kernels import kernels_support, register_fakes
 

@@ -15,7 +15,7 @@ append             ``append_attention``          AR prefill and AR decode step
 =================  ============================  ===================================
 
 No dense mask is ever built here: the ops take the mask rule from
-:mod:`tidar_kernels.mask`. :meth:`Transformer.forward` returns the final hidden
+:mod:`tidar_kernels.kernels.mask`. :meth:`Transformer.forward` returns the final hidden
 states; :meth:`Transformer.lm_head` turns only the rows a caller needs into
 logits (a decode step of ``k + k*k`` rows needs ``3k - 1`` of them).
 """
@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .mask import Layout, check_training_shape, training_position_ids
+from ..kernels import ops
+from ..kernels.mask import Layout, check_training_shape, training_position_ids
+from .kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from .kv_cache import KVCache
 
 
 @dataclass
@@ -130,8 +129,8 @@ class AttentionContext:
     """Which tidar op every layer calls, and the state that op needs.
 
     ``block_size`` is ``B`` (training) or the draft length ``k`` (prefill,
-    decode). ``cache`` is a :class:`tidar_kernels.kv_cache.KVCache` or
-    :class:`~tidar_kernels.kv_cache.PagedKVCache` (its ``block_table`` goes to the ops): required by
+    decode). ``cache`` is a :class:`tidar_kernels.model.kv_cache.KVCache` or
+    :class:`~tidar_kernels.model.kv_cache.PagedKVCache` (its ``block_table`` goes to the ops): required by
     PREFILL and DECODE, optional for CAUSAL (with a cache: the AR prefill and AR
     step), never with TRAINING. ``prompt_lens`` (int32 ``[batch]``) are the real
     prompt lengths of a right-padded prefill. Cached calls pass

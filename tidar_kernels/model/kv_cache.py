@@ -9,7 +9,7 @@ of them by advancing ``n_b``. Rejected rows are never erased, only overwritten b
 the next step, so a rollback costs nothing and needs no host synchronisation.
 
 The ops do not check lengths inside the decode loop (``check_lengths=False``):
-:mod:`tidar_kernels.generate` sizes the cache for its worst case once up front
+:mod:`tidar_kernels.model.generate` sizes the cache for its worst case once up front
 (a ``max_len`` that is too small is a clear error before anything is written).
 Code that drives the cache step by step itself calls :meth:`KVCache.check_room`
 (or leaves ``check_lengths`` on) before each write.
@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops import MAX_PAGE_SIZE
+from ..kernels.ops import MAX_PAGE_SIZE
 
 
 def _check_sizes(**sizes) -> None:

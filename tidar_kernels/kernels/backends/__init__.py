@@ -2,7 +2,7 @@
 
 A backend implements some of the package's three kernel ops as registered torch
 ops (namespace ``tidar``) and says which calls it supports. The public functions
-in :mod:`tidar_kernels.ops` validate their inputs, then call :func:`select` once
+in :mod:`tidar_kernels.kernels.ops` validate their inputs, then call :func:`select` once
 per call: the ``backend=`` argument (strict: an unsupported call is an error) >
 the ``TIDAR_BACKEND`` environment variable (a preference: falls back when that
 backend does not support the call) > the first supporting backend in

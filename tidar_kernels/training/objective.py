@@ -3,7 +3,7 @@
 A training row of ``S`` clean tokens ``x_0..x_{S-1}`` becomes an input of
 length ``2S``: the clean tokens, then ``S`` mask tokens ("full mask": no random
 corruption, no timestep). The attention rule, the mask blocks of size ``B`` and
-the position ids ``[0..S-1, 0..S-1]`` come from :mod:`tidar_kernels.mask`
+the position ids ``[0..S-1, 0..S-1]`` come from :mod:`tidar_kernels.kernels.mask`
 through the model's ``forward_training``; this module only builds the inputs
 and labels and computes the loss:
 
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .mask import check_training_shape
+from ..kernels.mask import check_training_shape
 
 IGNORE_INDEX = -100
 """Label of a position that has no target (padding, document boundary, last clean token)."""

@@ -4,7 +4,7 @@ attention over a KV cache (decode step, prefill, causal append) with the cache w
 The mask is never read from memory. Each query row ``t`` sees, among the forward's
 own keys, at most two ranges ``[0, clean_end)`` and ``[block_start, block_end)``,
 computed from the row index and a few integers by
-:func:`tidar_kernels.mask.key_ranges_tl` (the one definition of the rule). A tile of
+:func:`tidar_kernels.kernels.mask.key_ranges_tl` (the one definition of the rule). A tile of
 query rows therefore sees the union of
 
 * segment A, the clean prefix ``[0, max clean_end)``: tiles below ``min clean_end``

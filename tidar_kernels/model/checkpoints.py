@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import Transformer, TransformerConfig
+from .transformer import Transformer, TransformerConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -87,10 +87,10 @@ def load_pretrained(directory, device=None, dtype: torch.dtype = torch.float32) 
         raise ValueError(f"directory must hold {CONFIG_FILE} and {WEIGHTS_FILE} from save_pretrained, "
                          f"got {str(directory)!r} without {WEIGHTS_FILE}")
     config = TransformerConfig.from_dict(meta["config"])
-    return _build(config, load_file(str(weights_path)), device, dtype)
+    return build_model(config, load_file(str(weights_path)), device, dtype)
 
 
-def _build(config: TransformerConfig, state: dict, device, dtype) -> Transformer:
+def build_model(config: TransformerConfig, state: dict, device, dtype) -> Transformer:
     """A :class:`Transformer` holding exactly ``state`` (strict), without initialising weights first."""
     with torch.device("meta"):
         model = Transformer(config)
@@ -177,7 +177,7 @@ def load_hf(directory, mask_token_id: Optional[int] = None, device=None,
     hf_state = {}
     for shard in shards:
         hf_state.update(load_file(str(shard)))
-    model = _build(config, hf_state_dict_to_ours(hf_state, config), device, dtype)
+    model = build_model(config, hf_state_dict_to_ours(hf_state, config), device, dtype)
     if mask_token_id is not None:
         if not 0 <= mask_token_id < config.vocab_size:
             raise ValueError(f"mask_token_id must lie in [0, vocab_size={config.vocab_size}), got {mask_token_id}")
@@ -325,7 +325,7 @@ def load_gguf_llama(path, device=None, dtype: torch.dtype = torch.float32) -> Tr
         else:
             state[{"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[prefix]
                   + ".weight"] = weight
-    return add_mask_token(_build(config, state, device, dtype))
+    return add_mask_token(build_model(config, state, device, dtype))
 
 
 def load_smollm2(device=None, dtype: torch.dtype = torch.float32):

@@ -1,0 +1,122 @@
+"""Trainer checkpoints: the model, tokenizer, optimizer and RNG state, written atomically.
+
+``OUT/step_NNNNNN/`` holds the model (:func:`tidar_kernels.model.checkpoints.save_pretrained`),
+the tokenizer, ``trainer_state.safetensors`` (optimizer moments, RNG states) and
+``trainer_state.json`` (step, arguments, scheduler and data positions); ``OUT/latest``
+names the newest. Every write goes to a temporary directory that is renamed into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..model.checkpoints import build_model, save_pretrained
+from ..model.loading import LATEST
+from ..model.tokenizer import TextTokenizer
+from .config import TrainArgs
+from .data import BatchSampler
+
+
+STATE_JSON = "trainer_state.json"
+
+
+STATE_TENSORS = "trainer_state.safetensors"
+
+
+def plain_model(config, state: dict, device: torch.device) -> nn.Module:
+    """An unsharded model holding a gathered state dict, on the run's device (rank 0 evaluates it alone)."""
+    return build_model(config, state, device=device, dtype=torch.float32)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextTokenizer,
+                    optimizer, scheduler, sampler: BatchSampler, args: TrainArgs,
+                    evaluation: Optional[dict] = None, history: Optional[list] = None,
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+    """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it.
+
+    ``model_state`` / ``optimizer_state``: full (gathered) state dicts of a sharded
+    run (:func:`gather_full_state`); by default those of ``model`` and ``optimizer``.
+    The files are the same either way, so any run can resume any checkpoint.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"step_{step:06d}"
+    tmp = out_dir / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_pretrained(model, tmp, state=model_state)  # creates tmp (itself atomically)
+        tokenizer.save(tmp)
+        tensors, opt_json = _flatten_optimizer(optimizer_state or optimizer.state_dict())
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        state = {"step": step, "args": dataclasses.asdict(args), "optimizer": opt_json,
+                 "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+                 "sampler": sampler.state_dict(), "evaluation": evaluation,
+                 "history": history or []}
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+        if final.exists():  # rewriting a step: the old one stays until the new one is in place
+            old = out_dir / f".old-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = out_dir / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, out_dir / LATEST)
+    return final
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory whose ``latest`` file names one."""
+    directory = Path(path)
+    if (directory / LATEST).is_file():
+        directory = directory / (directory / LATEST).read_text().strip()
+    missing = [name for name in (STATE_JSON, STATE_TENSORS, "tokenizer.json") if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"resume must be a trainer checkpoint (or a run directory with '{LATEST}'), got "
+                         f"{path!r}: missing {missing} in {str(directory)!r}")
+    return directory
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """Split an optimizer state dict into safetensors-ready tensors and JSON-ready rest."""
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict, opt_json: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in opt_json["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": opt_json["param_groups"]}
+
