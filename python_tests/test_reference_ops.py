@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends
+from tidar_kernels.kernels import mask as mask_rule
 from tidar_kernels.kernels.backends import reference
 from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
 
@@ -97,8 +98,8 @@ def test_prefill_attention_matches_sdpa_with_padded_prompts(dtype):
         keys = torch.cat([k_before[b, :n], k_new[b, :length], k_new[b, padded:]])[None]
         values = torch.cat([v_cache[b, :n], v_new[b, :length], v_new[b, padded:]])[None]
         rows = list(range(length)) + list(range(padded, padded + draft_len))
-        toks = tk.mask.clean_tokens(0, n + length).cat(tk.mask.mask_block_tokens(n + length, draft_len, 0, n + length))
-        allowed = tk.mask.may_attend(tk.mask.Tokens(*(t[n:] for t in (toks.is_mask, toks.pos, toks.block, toks.ctx))),
+        toks = mask_rule.clean_tokens(0, n + length).cat(mask_rule.mask_block_tokens(n + length, draft_len, 0, n + length))
+        allowed = mask_rule.may_attend(mask_rule.Tokens(*(t[n:] for t in (toks.is_mask, toks.pos, toks.block, toks.ctx))),
                                      toks)
         assert_matches_sdpa(out[b:b + 1, rows], q[b:b + 1, rows], keys, values, allowed)
         assert torch.equal(k_cache[b, n:n + padded], k_new[b, :padded])

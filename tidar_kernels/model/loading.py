@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,8 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
     A source without a mask token (an AR model) gets one
     (:func:`~tidar_kernels.model.checkpoints.add_mask_token`), and its tokenizer the
     matching ``<|mask|>`` token at the same id; the two are checked to agree.
-    ``require_mask_token=False`` accepts our checkpoints saved without one (AR only).
+    ``require_mask_token=False`` (generation only) also accepts a checkpoint without a mask
+    token and a tokenizer without an end-of-text token (``tokenizer.eos_id`` is then None).
     """
     source = resolve_run_dir(str(source))
     if source == SMOLLM2:
@@ -65,7 +65,7 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
         if model.config.mask_token_id is None and require_mask_token:
             raise ValueError(f"checkpoint {source!r} has no mask token (config.mask_token_id is None); TiDAR "
                              "needs a dedicated mask token")
-        tokenizer = TextTokenizer.load(directory)
+        tokenizer = TextTokenizer.load(directory, require_eos=require_mask_token)
     if model.config.mask_token_id is not None and tokenizer.mask_id != model.config.mask_token_id:
         raise ValueError(f"tokenizer's mask token id {tokenizer.mask_id} must equal the model's "
                          f"config.mask_token_id {model.config.mask_token_id} (checkpoint {source!r})")

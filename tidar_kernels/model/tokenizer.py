@@ -18,13 +18,13 @@ class TextTokenizer:
     the clean half, nor ``<|endoftext|>`` a fake document boundary.
     """
 
-    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, mask_token: str = MASK_TOKEN):
+    def __init__(self, tokenizer, eos_token: str = EOS_TOKEN, mask_token: str = MASK_TOKEN, require_eos: bool = True):
         tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.eos_token, self.mask_token = eos_token, mask_token
         self.eos_id = tokenizer.token_to_id(eos_token)
         self.mask_id = tokenizer.token_to_id(mask_token)
-        if self.eos_id is None:
+        if self.eos_id is None and require_eos:
             raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
         if self.mask_id is None:
             raise ValueError(f"mask_token {mask_token!r} is not in the tokenizer's vocabulary: TiDAR needs a "
@@ -53,7 +53,8 @@ class TextTokenizer:
             json.dumps({"eos_token": self.eos_token, "mask_token": self.mask_token}, indent=1))
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, eos_token: str = EOS_TOKEN, mask_token: str = MASK_TOKEN) -> "TextTokenizer":
+    def from_tokenizer(cls, tokenizer, eos_token: str = EOS_TOKEN, mask_token: str = MASK_TOKEN,
+                       require_eos: bool = True) -> "TextTokenizer":
         """Wrap a checkpoint's ``tokenizers.Tokenizer``, adding ``mask_token`` when it is missing.
 
         The added token takes the next free id (the tokenizer's size), which is
@@ -64,10 +65,10 @@ class TextTokenizer:
 
         if tokenizer.token_to_id(mask_token) is None:
             tokenizer.add_special_tokens([AddedToken(mask_token, special=True)])
-        return cls(tokenizer, eos_token, mask_token)
+        return cls(tokenizer, eos_token, mask_token, require_eos)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "TextTokenizer":
+    def load(cls, directory: str | os.PathLike, require_eos: bool = True) -> "TextTokenizer":
         """Load ``tokenizer.json`` from a directory saved by :meth:`save` or a Hugging Face model directory.
 
         The EOS / mask token names come from ``tokenizer_tidar.json`` (ours), else
@@ -88,4 +89,4 @@ class TextTokenizer:
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str):
                 names["eos_token"] = eos
-        return cls.from_tokenizer(Tokenizer.from_file(str(path)), names["eos_token"], names["mask_token"])
+        return cls.from_tokenizer(Tokenizer.from_file(str(path)), names["eos_token"], names["mask_token"], require_eos)

@@ -6,10 +6,9 @@
   every machine that runs the package. Documents are split into train and
   held-out by a hash of their name, so the split is deterministic and does not
   depend on which other files exist.
-* :class:`TextTokenizer` wraps a Hugging Face ``tokenizers`` tokenizer with the
-  ids the trainer needs: end of text (document separator) and a dedicated mask
-  token (never end-of-text or padding). :func:`train_tokenizer` trains a
-  byte-level BPE on the training split in seconds.
+* :func:`train_tokenizer` trains a byte-level BPE on the training split in
+  seconds, as a :class:`~tidar_kernels.model.tokenizer.TextTokenizer` (the ids
+  the trainer needs: end of text and a dedicated mask token).
 * :func:`pack_documents` concatenates tokenized documents (each followed by the
   end-of-text token) into fixed-length rows and records the document id of every
   token, so the loss can drop labels that cross a boundary
@@ -23,7 +22,6 @@ import glob
 import hashlib
 import itertools
 import json
-import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from ..kernels.mask import check_training_shape
 from ..model.generate import tidar_generate
 from ..model.loading import load_model
 from ..model.tokenizer import TextTokenizer
