@@ -5,11 +5,11 @@ Implementations measured in the same run, on the same inputs:
 * ``tidar-<backend>`` (ours): ``tidar_kernels.decode_attention`` /
   ``training_attention`` with each non-reference backend that supports the call
   (``cuda``, ``triton``). Smoke runs time the reference instead.
-* ``tidar-<backend>-page<P>`` (ours, decode, issue 15): the same decode step on a
+* ``tidar-<backend>-page<P>`` (ours, decode): the same decode step on a
   paged cache (``block_table``, pages of ``P`` = 1, 16, 64 rows, shuffled over the
   pool) with each backend that supports paged calls; its ``vs_tidar-<backend>``
   column is the contiguous time over the paged time (target: >= 1/1.1 at P >= 16).
-* ``tidar-triton-tma`` (ours, decode, sm_90+, issue 16 item 4): the Triton decode step
+* ``tidar-triton-tma`` (ours, decode, sm_90+): the Triton decode step
   with the opt-in TMA cache loop switched on for that call only (``TIDAR_TRITON_TMA``;
   run without the variable so ``tidar-triton`` stays the pointer loop); its
   ``vs_tidar-triton`` column says whether TMA is faster (> 1: it is).
@@ -30,7 +30,7 @@ The peers read the step's keys concatenated behind the cache ``[cache 0..n-1 |
 step]`` (built outside the timed region) and do not write the cache; ours
 write the drafts' K/V into the cache inside the timed call.
 
-Shapes (issue 3): heads of Qwen2.5-1.5B (12 q / 2 kv, d 128) and Qwen3-8B
+Shapes: heads of Qwen2.5-1.5B (12 q / 2 kv, d 128) and Qwen3-8B
 (32 / 8, 128); decode ``k`` = 4, 8, 16 (``k + k*k`` queries), cache 1k..32k,
 batch 1, 4, 16; training ``2S`` = 4096, 8192, block 4, 8, 16, batch 1, forward
 and forward+backward.

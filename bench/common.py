@@ -148,7 +148,7 @@ def parse_int_list(text: str) -> list[int]:
 
 def _git_commit() -> str:
     """HEAD, ``-dirty`` when files other than results differ; else ``$TIDAR_BENCH_COMMIT`` (a copy
-    of the tree without ``.git``, e.g. on a lent GPU machine); else ``unknown``."""
+    of the tree without ``.git``, e.g. a copy on a GPU machine); else ``unknown``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run in one command, sized for one device lease (15 min of device time in all, the
+# The GPU run in one command, sized for a 15-minute GPU slot (in all, the
 # machine's start and the transfers included):
 #
 #   bash bench/run_gpu_suite.sh [--dry-run] OUT_ROOT [full|quick] [STAGE ...]
@@ -36,8 +36,8 @@
 # or was skipped for time, 2 on bad arguments.
 # --dry-run prints each stage's limit and command and runs nothing.
 #
-# From a session with a lent device (the tree travels without .git; one file comes back):
-#   TIDAR_BENCH_COMMIT=<sha> bash bench/run_gpu_suite.sh /tmp/g quick; cp /tmp/g.tar.gz $OUT/
+# On a copy of the tree without .git (the archive is the one file to fetch back):
+#   TIDAR_BENCH_COMMIT=<sha> bash bench/run_gpu_suite.sh /tmp/g quick
 # The CUDA extension is built for TIDAR_CUDA_ARCHS (default here 90a, the H100/H200). Python:
 # $PYTHON, default python3 (the device image's torch). Nothing is downloaded. To commit
 # results: copy OUT_ROOT/<device>/ to bench/results/<device>/.

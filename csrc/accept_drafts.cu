@@ -1,4 +1,4 @@
-// Greedy accept-and-commit of a TiDAR decode step (TIDAR.md section 5), on the device.
+// Greedy accept-and-commit of a TiDAR decode step (docs/semantics.md#acceptance), on the device.
 //
 // Same math as tidar_kernels/kernels/backends/reference.py::accept_drafts:
 //   mixed[b, r, :] = beta * draft_logits[b, r, :] + (1 - beta) * block_logits[b, r, :]   (fp32)

@@ -27,7 +27,7 @@ namespace binding {
 constexpr int64_t kLayoutDecode = 3;  // tidar_kernels.kernels.mask.Layout.DECODE
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15); tidar_kernels.kernels.ops checks the same.
+// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows; tidar_kernels.kernels.ops checks the same.
 constexpr int64_t kMaxPageSize = 256;
 // Tests only (docs/ENVIRONMENT.md): a fixed number of cache splits instead of the planner's.
 constexpr const char* kForceSplitsEnv = "TIDAR_FORCE_DECODE_SPLITS";

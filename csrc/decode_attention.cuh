@@ -1,7 +1,7 @@
 // Fused TiDAR decode-step attention (Layout::kDecode), flash-decoding style.
 //
 // One step of sequence b feeds T = k + k*k query tokens
-// [d_0..d_{k-1} | block 1 | ... | block k] (TIDAR.md section 4). Every row sees
+// [d_0..d_{k-1} | block 1 | ... | block k] (docs/semantics.md#decode-step). Every row sees
 // the whole committed cache [0, n_b) plus at most two ranges of the step's own
 // keys, given by tidar::key_ranges (csrc/tidar_mask.h, the mirror of mask.py).
 //
@@ -150,7 +150,7 @@ __device__ __forceinline__ int page_of(const int32_t* pages, const DecodeParams&
 // kBlockN), so the page is read and the slot divided once per tile, and the copies are
 // addressed like the contiguous ones. Smaller pages pay one division and one table read per
 // row; a fast divider or a per-tile row map in shared memory would cut that if the paged
-// benchmark (issue 15) shows it matters.
+// benchmark (bench/attention.py) shows it matters.
 template <int kHeadDim, typename T>
 __device__ __forceinline__ void load_paged_tiles(T* k_smem, T* v_smem, const T* k_pool, const T* v_pool,
                                                  const int32_t* pages, const DecodeParams& p, int first, int end) {

@@ -69,7 +69,7 @@ template <bool kIsBF16, int kHeadDim>
 void run_decode_attention(const DecodeParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
-// Accept drafts and commit (TIDAR.md section 5, greedy)
+// Accept drafts and commit (docs/semantics.md#acceptance, greedy)
 // ---------------------------------------------------------------------------
 
 enum class LogitsType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };

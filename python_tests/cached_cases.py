@@ -1,8 +1,8 @@
 """One cached call (decode step, prefill, append) checked against the math, for any backend, on a
 contiguous or a paged cache whose unused rows and pages hold NaN or Inf.
 
-Shared by ``test_cached_unused_rows.py`` (issue 10: rows past ``n`` are never read) and
-``test_paged_kv.py`` (issue 15: paged caches). The ground truth is the masked attention
+Shared by ``test_cached_unused_rows.py`` (rows past ``n`` are never read) and
+``test_paged_kv.py`` (paged caches). The ground truth is the masked attention
 of :mod:`tidar_kernels.kernels.backends.reference` computed in fp64 over the *zeroed*
 contiguous cache, with the mask from the one rule (``reference.cached_mask``); the
 tolerance is :func:`tidar_kernels.kernels.tolerance.assert_close_by_rule`.

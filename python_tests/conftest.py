@@ -1,7 +1,7 @@
 """Shared test setup: fixed seeds, and the `gpu` marker skipped without CUDA.
 
 ``--torch-seed N`` changes the seed every test starts from (default 0), so the
-suite's tolerances can be shaken with other data (issue 10); hypothesis seeds
+suite's tolerances can be shaken with other data; hypothesis seeds
 vary with ``--hypothesis-seed``. torch.compile's cache is private to the session."""
 import os
 import shutil

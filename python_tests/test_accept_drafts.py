@@ -1,4 +1,4 @@
-"""Greedy accept-and-commit (TIDAR.md section 5).
+"""Greedy accept-and-commit (docs/semantics.md#acceptance).
 
 CPU: the PyTorch twin (backends/reference.py ``accept_drafts``, reached through
 ``tidar_kernels.accept_drafts``) against expectations worked out by hand from

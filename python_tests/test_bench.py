@@ -183,7 +183,7 @@ def test_simulated_acceptance_matches_its_model():
 
 SUITE = ROOT / "bench" / "run_gpu_suite.sh"
 SUITE_STAGES = ["build", "tests-triton", "tests-cuda", "attention", "decode", "token_slots"]
-LEASE_S = {"full": 8 * 60, "quick": 4 * 60}  # issue 10: what one device lease affords
+LEASE_S = {"full": 8 * 60, "quick": 4 * 60}  # the suite's time budgets: 8 min full, 4 min quick
 
 
 def dry_run(mode: str) -> tuple[int, dict[str, tuple[int, list[str]]]]:

@@ -1,4 +1,4 @@
-"""Issue 10 item 5: every backend's cached ops read cache rows ``[0, n_b)`` only.
+"""Every backend's cached ops read cache rows ``[0, n_b)`` only.
 
 Rows at or past ``n_b`` hold NaN, +Inf or -Inf (uninitialised memory, a reused
 buffer); a backend that reads them, even under a mask (``0 * NaN``, ``-inf + inf``),

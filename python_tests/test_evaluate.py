@@ -1,5 +1,5 @@
 """The evaluation harness: figures consistent with each other and with direct measurements, the JSON
-the issue asks for, SmolLM2 end to end, and clear errors that write nothing."""
+report, SmolLM2 end to end, and clear errors that write nothing."""
 import dataclasses
 import json
 import math

@@ -125,7 +125,7 @@ def test_beta_zero_runs_and_differs_in_general():
 
 
 def reference_tidar_greedy(model, prompt, max_new_tokens, k, beta):
-    """TIDAR.md sections 3 and 5 spelled out, one sequence, no cache kept across steps.
+    """docs/semantics.md#prefill and #acceptance spelled out, one sequence, no cache kept across steps.
 
     Every logit comes from a fresh prefill-layout forward of its own context: ``prefill(c)``
     gives the AR logits at the last token of ``c`` and the mask block right after ``c``.

@@ -1,4 +1,4 @@
-"""The one mask definition: TIDAR.md's matrices, hand-checked cases, and the
+"""The one mask definition: the matrices of docs/semantics.md, hand-checked cases, and the
 compact rule (key_ranges, classify_tile, position ids) against the token rule."""
 import pytest
 import torch
@@ -17,7 +17,7 @@ def rows(text: str) -> torch.Tensor:
 
 
 def test_decode_mask_equals_tidar_md_example():
-    # TIDAR.md section 4, k = 3, cache A B C (n = 3); one row per query, blocks repeat their row.
+    # docs/semantics.md#decode-step, k = 3, cache A B C (n = 3); one row per query, blocks repeat their row.
     expected = rows("""
         111|100|000|000|000
         111|110|000|000|000
@@ -94,7 +94,7 @@ def layout_cases():
 
 
 def token_rule_mask(layout, num_rows, clean_rows, block, context):
-    """Dense local mask straight from TIDAR.md's token rule (padded prefill rows are causal clean rows)."""
+    """Dense local mask straight from the token rule, docs/semantics.md#attention-rule (padded prefill rows: causal)."""
     if layout == Layout.TRAINING:
         toks = M.training_tokens(clean_rows, block)
     elif layout == Layout.DECODE:

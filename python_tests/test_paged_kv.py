@@ -1,4 +1,4 @@
-"""Paged KV cache (issue 15): ``block_table`` in every cached op, the page pool, the decode loops.
+"""Paged KV cache (docs/paged-kv.md): ``block_table`` in every cached op, the page pool, the decode loops.
 
 Every backend that takes a paged CPU call (the reference; Triton under
 ``TRITON_INTERPRET=1``) runs each cached op on shuffled pages of sizes 1, 3, 16 and

@@ -40,7 +40,7 @@ def test_limit_is_the_slower_of_compute_and_memory():
 
 
 def test_step_flops_and_bytes():
-    """Qwen2.5-1.5B, k = 16, cache 4096, batch 1 (issue 16: ~6.2 MB, ~7 us on an H100)."""
+    """Qwen2.5-1.5B, k = 16, cache 4096, batch 1 (~6.2 MB, ~7 us on an H100)."""
     step = decode_step(16, QWEN25)
     assert step.packed_rows == 272 * 6
     assert step.flops() == 4 * 12 * 272 * 4096 * 128
@@ -62,7 +62,7 @@ def test_compute_bound_against_the_ridge(k, heads, batch, bound):
 
 
 def test_ctas_per_sm_of_the_cuda_kernel_follow_shared_memory():
-    """Issue 10: the hd128 CUDA kernel (85 KB of shared memory) fits once on an sm_80 SM, twice on sm_90."""
+    """The hd128 CUDA kernel (85 KB of shared memory) fits once on an sm_80 SM, twice on sm_90."""
     hd128, hd64 = decode_plan_cases.decode_smem_bytes(128), decode_plan_cases.decode_smem_bytes(64)
     assert roofline.ctas_per_sm(A100, hd128, 4) == 1
     assert roofline.ctas_per_sm(H100, hd128, 4) == 2
@@ -108,7 +108,7 @@ def test_compute_bound_split_pays_for_its_partials():
     assert roofline.plan_splits(busy, [kernel], H100, 32, 128)[1] == 1
     sparse = decode_step(16, QWEN25)
     _, splits, guess = roofline.plan_splits(sparse, [kernel], H100, 32, 128)
-    assert 1 < splits < 11  # issue 16: 11 splits cost 37 MB of partials
+    assert 1 < splits < 11  # 11 splits would cost 37 MB of partials
     assert guess.seconds < roofline.estimate(sparse, kernel, 1, H100).seconds
     assert guess.seconds < roofline.estimate(sparse, kernel, 11, H100).seconds
 

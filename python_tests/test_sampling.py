@@ -1,4 +1,4 @@
-"""Sampling (TIDAR.md section 6): warping, the speculative acceptance rule, and the loop's output law.
+"""Sampling (docs/semantics.md#sampling): warping, the speculative acceptance rule, and the loop's output law.
 
 Statistical tests use fixed seeds (deterministic, so never flaky) and enough
 samples that a wrong rule fails by a wide margin: the chi-square p-value must

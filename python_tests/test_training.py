@@ -1,4 +1,4 @@
-"""The TiDAR objective (TIDAR.md section 2): labels, loss, gradients, what the mask half sees."""
+"""The TiDAR objective (docs/semantics.md#loss): labels, loss, gradients, what the mask half sees."""
 import math
 
 import pytest

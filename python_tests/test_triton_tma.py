@@ -1,4 +1,4 @@
-"""The opt-in TMA cache loop of the Triton cached kernel (``TIDAR_TRITON_TMA=1``, issue 16 item 4).
+"""The opt-in TMA cache loop of the Triton cached kernel (``TIDAR_TRITON_TMA=1``).
 
 With the switch on, contiguous caches on sm_90+ are read through device-side tensor
 descriptors. On the CPU the Triton interpreter runs them (fp32/fp16): the results must

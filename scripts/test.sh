@@ -18,7 +18,7 @@ if [ "${TIDAR_BUILD_CUDA}" = "1" ]; then
   bash scripts/cmake_extension.sh  # the same sources through CMakeLists.txt (find_package(Torch))
 fi
 
-# Triton codegen report (issue 16): every Triton kernel compiled ahead of time for sm_90a and
+# Triton codegen report (docs/codegen.md): every Triton kernel compiled ahead of time for sm_90a and
 # sm_80 at the backend's own launch configurations; fails on spills and on compute-bound
 # matmuls not on wgmma. No GPU needed.
 python scripts/triton_codegen_report.py --json build/triton_codegen_report.jsonl
@@ -28,7 +28,7 @@ cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 
-# --- The CUDA kernels on the CPU (issue 11): the emulated build, sanitizers, mutations -------
+# --- The CUDA kernels on the CPU (docs/cuda-emulation.md): the emulated build, sanitizers, mutations -------
 # (pytest below also runs python_tests/test_cuda_emulated.py against the cuda_emulated backend)
 if python scripts/cuda_headers.py >/dev/null; then
   python -c "import tidar_kernels._C_emulated" \

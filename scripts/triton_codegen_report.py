@@ -25,7 +25,7 @@ shared memory (Triton), grid and, for the cached kernel, ``splits``, ``partial_b
 
 Exits 1 on any spill, on any matmul of a compute-bound path (decode k >= 8, training)
 that is not ``wgmma`` on sm_90a, and when a compute-bound cached launch's
-``partial_bytes`` exceed its ``ideal_bytes`` (issue 16's target). ``--json PATH`` writes one JSON line per
+``partial_bytes`` exceed its ``ideal_bytes``. ``--json PATH`` writes one JSON line per
 kernel, shape and arch.
 
 Shapes ending in ``-tma`` run the opt-in TMA cache loop (``TIDAR_TRITON_TMA=1``; on sm_80
@@ -79,7 +79,7 @@ class Shape:
     """One headline case: ``run`` calls the backend's op functions on meta tensors."""
 
     name: str
-    compute_bound: bool  # the issue's compute-bound paths: decode k >= 8 and training
+    compute_bound: bool  # the compute-bound paths: decode k >= 8 and training
     run: Callable[[], None]
     step: Optional[roofline.CachedStep] = None
     # Opt-in variants (TIDAR_TRITON_TMA): reported, but kept out of the failing checks.

@@ -7,7 +7,7 @@ the Triton kernels (through :func:`key_ranges_tl`), the CUDA kernels (through
 
 Two forms of the same rule live here:
 
-* the **token rule** (TIDAR.md section 1), stated over token attributes
+* the **token rule** (docs/semantics.md#attention-rule), stated over token attributes
   ``(is_mask, pos, block, ctx)``: :func:`may_attend`. Dense masks are built from
   it and are for reference and debugging only.
 * the **compact rule** that kernels use: in every layout each query row sees at
@@ -46,7 +46,7 @@ class TileKind(enum.IntEnum):
 
 
 # ----------------------------------------------------------------------------
-# The token rule (TIDAR.md section 1)
+# The token rule (docs/semantics.md#attention-rule)
 # ----------------------------------------------------------------------------
 
 
@@ -98,7 +98,7 @@ def mask_block_tokens(first_pos: int, count: int, block: int, ctx: int) -> Token
 
 
 def training_tokens(seq_len: int, block_size: int) -> Tokens:
-    """TIDAR.md section 2: ``S`` clean tokens, then ``S`` mask tokens; mask ``i`` is in
+    """docs/semantics.md#training-layout: ``S`` clean tokens, then ``S`` mask tokens; mask ``i`` is in
     block ``i // B`` whose context end is ``B * (i // B)``."""
     toks = clean_tokens(0, seq_len)
     for start in range(0, seq_len, block_size):
@@ -107,12 +107,12 @@ def training_tokens(seq_len: int, block_size: int) -> Tokens:
 
 
 def prefill_tokens(prompt_len: int, draft_len: int) -> Tokens:
-    """TIDAR.md section 3: the prompt (causal) then one mask block with context end ``L``."""
+    """docs/semantics.md#prefill: the prompt (causal) then one mask block with context end ``L``."""
     return clean_tokens(0, prompt_len).cat(mask_block_tokens(prompt_len, draft_len, 0, prompt_len))
 
 
 def decode_tokens(prefix_len: int, draft_len: int) -> Tokens:
-    """TIDAR.md section 4: the ``k + k*k`` step tokens (without the cache).
+    """docs/semantics.md#decode-step: the ``k + k*k`` step tokens (without the cache).
 
     Block ``j = 1..k`` pre-drafts for "``d_0..d_{j-1}`` accepted": positions
     ``n+j+t`` and context end ``n+j``.
@@ -151,7 +151,7 @@ def decode_mask(prefix_len: int, draft_len: int) -> torch.Tensor:
 
 
 def causal_mask(seq_len: int) -> torch.Tensor:
-    """``[T, T]`` lower-triangular mask of the likelihood mode (TIDAR.md section 7)."""
+    """``[T, T]`` lower-triangular mask of the likelihood mode (docs/semantics.md#append-and-likelihood)."""
     toks = clean_tokens(0, seq_len)
     return may_attend(toks, toks)
 

@@ -28,7 +28,7 @@ from . import backends
 from .backends import Call
 from .mask import Layout, check_training_shape
 
-MAX_PAGE_SIZE = 256  # paged caches: pages of 1 (SGLang's token pool) up to 256 rows (issue 15)
+MAX_PAGE_SIZE = 256  # paged caches: pages of 1 (SGLang's token pool) up to 256 rows
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -52,7 +52,7 @@ def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
-    """Plain causal attention (likelihood mode, TIDAR.md section 7), differentiable."""
+    """Plain causal attention (likelihood mode, docs/semantics.md#append-and-likelihood), differentiable."""
     _check_qkv(q, k, v)
     return _attention(q, k, v, Layout.CAUSAL, 1, softmax_scale, backend)
 
@@ -72,7 +72,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      v_cache: torch.Tensor, cache_seqlens: torch.Tensor, draft_len: int,
                      softmax_scale: Optional[float] = None, backend: Optional[str] = None, *,
                      check_lengths: bool = True, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One TiDAR decode step (TIDAR.md section 4).
+    """One TiDAR decode step (docs/semantics.md#decode-step).
 
     ``q``/``k_new``/``v_new`` hold the ``k + k*k`` step tokens
     ``[d_0..d_{k-1} | block 1 | ... | block k]`` of each sequence. Writes the
@@ -94,7 +94,7 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       v_cache: torch.Tensor, cache_seqlens: torch.Tensor, prompt_lens: torch.Tensor,
                       draft_len: int, softmax_scale: Optional[float] = None, backend: Optional[str] = None, *,
                       check_lengths: bool = True, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """TiDAR prefill (TIDAR.md section 3): the prompt, causal, then one mask block.
+    """TiDAR prefill (docs/semantics.md#prefill): the prompt, causal, then one mask block.
 
     Rows are ``[prompt padded to P | k mask tokens]``; ``prompt_lens`` int32
     ``[batch]`` (``1 <= L_b <= P``) gives each real prompt length, and the mask
@@ -146,7 +146,7 @@ def _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layo
 
 
 # ----------------------------------------------------------------------------
-# Acceptance and commit (TIDAR.md section 5, greedy)
+# Acceptance and commit (docs/semantics.md#acceptance, greedy)
 # ----------------------------------------------------------------------------
 
 

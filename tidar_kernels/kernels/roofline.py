@@ -39,7 +39,7 @@ MAX_CTAS_PER_SM = 32
 FP32_BYTES = 4
 # On a compute-bound step, a plan whose split partials move no more than the step's ideal
 # bytes is taken when it is modelled at most this factor slower than the fastest plan
-# (issue 16's target); both planners use it (the CUDA planner's copy: kPartialSlack in
+# (split partials should not outweigh the step); both planners use it (the CUDA planner's copy: kPartialSlack in
 # csrc/roofline.h). Why: the model is most optimistic exactly about that traffic. It
 # hides the partials' writes entirely under compute and prices the merge launch as bytes
 # at full bandwidth, with no launch gap or tail; neither is measured. 1.25 is a stated

@@ -11,7 +11,7 @@ done by plain PyTorch in the kernel's dtype. Every element must satisfy::
 * ``factor * max|lo - hi|`` is flash-attention's rule: an honest kernel in fp16/bf16
   makes about the error PyTorch makes in that dtype. It is measured, so it varies
   with the CPU, the BLAS and the thread count, and in fp32 it is a few ulps on a
-  small tensor: not a yardstick there (issue 10: an AMD EPYC failed it in fp32).
+  small tensor: not a yardstick there (an AMD EPYC CPU failed it in fp32).
 * ``bound`` is the standard worst-case forward-error bound of the computation
   (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3): a sum of
   length ``n`` accumulated in unit roundoff ``u`` in any order, blocking, FMA use or

@@ -1,4 +1,4 @@
-"""The TiDAR decode loop (TIDAR.md sections 3-6) and its autoregressive baseline.
+"""The TiDAR decode loop (docs/semantics.md, prefill to sampling) and its autoregressive baseline.
 
 :func:`tidar_generate` runs one prefill, then steps. Each step feeds the ``k``
 drafts of the last step and ``k`` mask blocks (``k + k*k`` rows), verifies the
@@ -99,7 +99,7 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------
-# Sampling (TIDAR.md section 6). Nothing here synchronises with the host.
+# Sampling (docs/semantics.md#sampling). Nothing here synchronises with the host.
 # ----------------------------------------------------------------------------
 
 
@@ -139,7 +139,7 @@ def sample(weights: torch.Tensor, generator: Optional[torch.Generator] = None) -
 
 def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling of one TiDAR step (TIDAR.md section 6).
+    """Speculative sampling of one TiDAR step (docs/semantics.md#sampling).
 
     ``drafts [B, k]`` are ``d_0..d_{k-1}`` (``d_0`` is always accepted);
     ``target_probs[:, j-1]`` is ``p_j`` for the position of ``d_j`` (``j = 1..k``,
@@ -350,7 +350,7 @@ class _TidarLoop(_Loop):
         self.drafts.copy_(torch.cat([first[:, None], rest], dim=1))
 
     def prefill(self) -> None:
-        """TIDAR.md section 3: ``[prompt | one mask block]``; the first drafts."""
+        """docs/semantics.md#prefill: ``[prompt | one mask block]``; the first drafts."""
         k, (batch, padded) = self.k, self.prompt_ids.shape
         ids = torch.cat([self.prompt_ids, self.mask_blocks[:, :k]], dim=1)
         positions = local_position_ids(Layout.PREFILL, padded + k, padded, k, context_len=self.prompt_lens)
@@ -364,7 +364,7 @@ class _TidarLoop(_Loop):
         self.emit(first[:, None], torch.ones_like(self.emitted))
 
     def step(self) -> None:
-        """TIDAR.md sections 4-6: verify, commit, emit, and the next drafts from block ``acc``."""
+        """docs/semantics.md#decode-step to #sampling: verify, commit, emit, the next drafts from block ``acc``."""
         k, model = self.k, self.model
         active = ~self.done
         ids = torch.cat([self.drafts, self.mask_blocks], dim=1)
@@ -429,7 +429,7 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
                    max_len: Optional[int] = None, sync_every: int = 8, cuda_graph: bool = True,
                    stream: Optional[Callable[[list[int]], None]] = None, page_size: Optional[int] = None,
                    num_pages: Optional[int] = None) -> GenerationResult:
-    """TiDAR decoding (TIDAR.md sections 3-6) of a batch of prompts.
+    """TiDAR decoding (docs/semantics.md) of a batch of prompts.
 
     ``input_ids [B, P]`` int64 prompts, right-padded with ``prompt_lens`` (int ``[B]``,
     default all ``P``) or padded either side with ``attention_mask`` (1 = real

@@ -8,12 +8,13 @@ calls (and with which cache):
 mode               op                            used by
 =================  ============================  ===================================
 causal             ``causal_attention``          likelihood, training of AR models
-training           ``training_attention``        TiDAR training (TIDAR.md section 2)
-prefill            ``prefill_attention``         TiDAR prefill (section 3)
-decode             ``decode_attention``          TiDAR decode step (section 4)
+training           ``training_attention``        TiDAR training
+prefill            ``prefill_attention``         TiDAR prefill
+decode             ``decode_attention``          TiDAR decode step
 append             ``append_attention``          AR prefill and AR decode step
 =================  ============================  ===================================
 
+Each mode's layout and mask: ``docs/semantics.md``.
 No dense mask is ever built here: the ops take the mask rule from
 :mod:`tidar_kernels.kernels.mask`. :meth:`Transformer.forward` returns the final hidden
 states; :meth:`Transformer.lm_head` turns only the rows a caller needs into
@@ -299,12 +300,12 @@ class Transformer(nn.Module):
         return F.linear(hidden, weight)
 
     def forward_causal(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Likelihood mode (TIDAR.md section 7): logits ``[B, T, V]``, plain causal, no cache."""
+        """Likelihood mode (docs/semantics.md#append-and-likelihood): logits ``[B, T, V]``, plain causal, no cache."""
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
         return self.lm_head(self(input_ids, positions, CAUSAL))
 
     def forward_training(self, input_ids: torch.Tensor, block_size: int) -> torch.Tensor:
-        """Training layout (TIDAR.md section 2): logits ``[B, 2S, V]`` of ``[S clean | S mask]`` tokens.
+        """Training layout (docs/semantics.md#training-layout): logits ``[B, 2S, V]`` of ``[S clean | S mask]`` tokens.
 
         The caller builds ``input_ids`` (second half all ``mask_token_id``);
         position ids are ``[0..S-1, 0..S-1]``.

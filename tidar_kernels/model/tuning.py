@@ -88,7 +88,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, graph: bool = Fals
 class DecodeStep:
     """One TiDAR decode step over static tensors (graph-capturable, no host sync).
 
-    Forward of the ``k + k*k`` step tokens (TIDAR.md section 4), LM head on the
+    Forward of the ``k + k*k`` step tokens (docs/semantics.md#decode-step), LM head on the
     ``2k`` rows acceptance needs (``a_i`` at the drafts, ``b_{j,0}`` at each
     block's first slot), :func:`tidar_kernels.accept_drafts` (commits in place),
     then the LM head on the ``k - 1`` remaining slots of block ``acc`` for the

@@ -74,7 +74,7 @@ RECIPES = {
     # standard library's sources, with SmolLM2's tokenizer plus the added <|mask|> (id 49152).
     # GPU defaults (bf16 autocast is automatic on CUDA): 64 rows x 512 clean tokens (32 k clean,
     # 64 k model tokens per step); block 8, the draft length of the GPU target (T/NFE at k = 8).
-    # LR: TIDAR.md section 8 uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup for a
+    # LR: the paper (docs/training.md#paper-recipe) uses cosine 1e-5 -> 3e-6 (floor 0.3 x peak) with 1 % warmup for a
     # full continual pre-training; a minutes-long budget run sees orders of magnitude fewer tokens,
     # so the peak is 10x higher (1e-4) and the floor keeps the paper's 0.3 ratio.
     # Steps: --budget-minutes (or --steps).

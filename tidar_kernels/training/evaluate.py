@@ -13,7 +13,7 @@ it measures:
   length ``k`` (default 2, 4, 8, 16), with the acceptance histogram, over
   ``--prompts`` held-out prompts; every TiDAR output is compared with plain AR
   greedy decoding of the same model (``greedy_equals_ar``: they must be equal);
-* **AR perplexity** (likelihood mode, TIDAR.md section 7) of the model and of the
+* **AR perplexity** (likelihood mode, docs/semantics.md#append-and-likelihood) of the model and of the
   baseline on the same held-out tokens, and the relative change;
 * **tokens/s** of TiDAR and AR decoding on this device (after one untimed warm-up
   pass; batch 1, prefill included). On a CPU a TiDAR step costs several AR steps,

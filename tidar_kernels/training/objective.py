@@ -1,4 +1,4 @@
-"""The TiDAR training objective (TIDAR.md section 2): layout, labels and loss.
+"""The TiDAR training objective (docs/semantics.md#loss): layout, labels and loss.
 
 A training row of ``S`` clean tokens ``x_0..x_{S-1}`` becomes an input of
 length ``2S``: the clean tokens, then ``S`` mask tokens ("full mask": no random

@@ -173,7 +173,7 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_l
 
 
 def accept_drafts(drafts, draft_logits, block_logits, cache_seqlens, active, beta: float):
-    """TIDAR.md section 5 (greedy): accepted count, commit, and the next first draft.
+    """docs/semantics.md#acceptance (greedy): accepted count, commit, and the next first draft.
 
     ``draft_logits[:, i]`` = ``a_i``; ``block_logits[:, j-1]`` = ``b_{j,0}``. Returns
     ``(accepted int32 [B], targets int64 [B, k])`` with ``targets[:, j-1] = v_j``; the

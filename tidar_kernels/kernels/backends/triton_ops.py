@@ -39,7 +39,7 @@ from . import Backend, Call, register_attention_autograd
 from . import triton_kernels as kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Opt-in (issue 16 item 4): the cached kernel's contiguous-cache loop reads K/V through TMA
+# Opt-in (docs/codegen.md): the cached kernel's contiguous-cache loop reads K/V through TMA
 # tensor descriptors where legal (tma_legal). Off by default: no GPU has timed it yet.
 TMA_REQUESTED = os.environ.get("TIDAR_TRITON_TMA", "0") == "1"
 MAX_HEAD_DIM = 128
