@@ -48,6 +48,12 @@ def want_cuda_build():
     return True, f"CUDA toolkit at {cuda_home}, torch CUDA {torch.version.cuda}"
 
 
+def nvcc_flags():
+    """The kernels' nvcc flags from csrc/nvcc_flags.txt (shared with CMakeLists.txt and scripts/nvcc_kernels.sh)."""
+    with open(os.path.join(ROOT, "csrc", "nvcc_flags.txt")) as lines:
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
 def cuda_extension():
     from torch.utils.cpp_extension import CUDAExtension
 
@@ -55,17 +61,15 @@ def cuda_extension():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    # --use_fast_math implies -ftz=true; -ftz=false after it keeps subnormals (accept_drafts compares
-    # subnormal logits exactly like torch.argmax).
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-ftz=false", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    flags = nvcc_flags() + gencode
     if os.environ.get("TIDAR_PTXAS_VERBOSE") == "1":
-        nvcc_flags.append("-Xptxas=-v")
+        flags.append("-Xptxas=-v")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     return CUDAExtension(
         name="tidar_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": flags},
     )
 
 

@@ -3,8 +3,12 @@
 // the same kernel sources run on the CPU, CPU tensors). One copy of every check, so the
 // emulated backend exercises exactly what the CUDA backend will see on a GPU.
 //
-// Every check runs before anything is allocated for the launch or written, so bad input
-// raises without side effects. Torch headers only here and in the two binding files.
+// The checks are those memory safety needs (shapes, dtypes, devices, strides, alignment,
+// aliasing, grid limits), since the torch ops can be called directly; checks of meaning that
+// touch no memory (softmax scale > 0, beta in [0, 1], block-table values) are
+// tidar_kernels/kernels/validation.py's, which every public op runs first. Every check runs
+// before anything is allocated for the launch or written, so bad input raises without side
+// effects. Torch headers only here and in the two binding files.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,10 +28,11 @@
 namespace tidar {
 namespace binding {
 
+// Constants shared with Python: python_tests/test_shared_constants.py fails on a difference.
 constexpr int64_t kLayoutDecode = 3;  // tidar_kernels.kernels.mask.Layout.DECODE
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows; tidar_kernels.kernels.ops checks the same.
+// Paged caches: pages of 1 (SGLang's token pool) up to 256 rows; tidar_kernels.kernels.validation.MAX_PAGE_SIZE.
 constexpr int64_t kMaxPageSize = 256;
 // Tests only (docs/ENVIRONMENT.md): a fixed number of cache splits instead of the planner's.
 constexpr const char* kForceSplitsEnv = "TIDAR_FORCE_DECODE_SPLITS";
@@ -116,7 +121,7 @@ struct DecodeLaunch {
 // Static checks of a block table [batch, max_pages_per_seq] (int32, on q's device, not overlapping
 // itself) and of the page pools it indexes; returns each sequence's capacity in rows,
 // max_pages_per_seq * page_size. Its values (pages in [0, num_pages), distinct) would need a
-// device sync: tidar_kernels.kernels.ops checks them on the host unless check_lengths=False.
+// device sync: tidar_kernels.kernels.validation checks them on the host unless check_lengths=False.
 inline int64_t check_block_table(const Target& target, const at::Tensor& block_table, const at::Tensor& q,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch,
                                  int64_t kv_heads, int64_t head_dim) {
@@ -201,7 +206,6 @@ inline DecodeLaunch prepare_decode(const Target& target, const at::Tensor& q, co
                   cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
               "cache_seqlens must be a contiguous int32 tensor [batch=", batch, "], got ",
               cache_seqlens.scalar_type(), " ", shape_of(cache_seqlens));
-  TORCH_CHECK(scale > 0, "scale must be > 0, got ", scale);
   TORCH_CHECK(batch * kv_heads <= kMaxGridYZ, "batch * kv_heads must be <= ", kMaxGridYZ, " (grid z), got ",
               batch * kv_heads);
   TORCH_CHECK(max_len < (1LL << 30) && steps * q_heads < (1LL << 24), "sizes out of range: max_len ", max_len,
@@ -316,7 +320,6 @@ inline AcceptLaunch prepare_accept(const Target& target, const at::Tensor& draft
                 "active must be a contiguous bool tensor [batch=", batch, "] or None, got ", active->scalar_type(),
                 " ", shape_of(*active));
   }
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "beta must lie in [0, 1], got ", beta);
   TORCH_CHECK(batch * draft_len <= kMaxGridYZ, "batch * k must be <= ", kMaxGridYZ, " (grid y), got ",
               batch * draft_len);
 

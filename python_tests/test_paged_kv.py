@@ -27,7 +27,7 @@ from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generat
 from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.model.transformer import Transformer, TransformerConfig
-from tidar_kernels.kernels.ops import MAX_PAGE_SIZE
+from tidar_kernels.kernels.validation import MAX_PAGE_SIZE
 
 PAGED_BACKENDS = cpu_cached_backends(paged=True)
 PAGE_SIZES = [1, 3, 16, 64]

@@ -2,7 +2,7 @@
 # Print ptxas' register / spill report for every kernel of csrc/*.cu and fail if
 # any of them spills (or uses a stack frame for spilling).
 #
-# Compiles each kernel file on its own with setup.py's nvcc flags
+# Compiles each kernel file on its own with the nvcc flags of csrc/nvcc_flags.txt
 # (scripts/nvcc_kernels.sh), for TIDAR_CUDA_ARCHS (default "80;90a").
 # Output: one line per (kernel, arch). Exit 1 on spills.
 # Usage: scripts/ptxas_report.sh [file.cu ...]      (CUDA_HOME defaults to /usr/local/cuda)

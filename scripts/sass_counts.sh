@@ -2,7 +2,7 @@
 # SASS instruction count per (kernel, arch) of csrc/*.cu, to show that a source
 # change leaves the machine code alone (e.g. routing PTX through csrc/ptx.cuh).
 #
-# Compiles each kernel file with setup.py's nvcc flags for TIDAR_CUDA_ARCHS
+# Compiles each kernel file with the nvcc flags of csrc/nvcc_flags.txt for TIDAR_CUDA_ARCHS
 # (default "80;90a") and counts the instructions cuobjdump -sass lists per
 # function. Needs nvcc and cuobjdump (the toolkit's, else the one Triton ships).
 # Output: "arch  count  opcode-histogram-hash  kernel", sorted; diff two runs to compare.

@@ -44,6 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels import ops
 from ..kernels.mask import Layout, training_position_ids
+from ..kernels.validation import check_positive
 from ..model.checkpoints import init_mask_row, mask_token_slot
 from ..model.generate import StopTokens, tidar_generate
 from ..model.transformer import CAUSAL, AttentionContext
@@ -298,8 +299,7 @@ def build_tidar_batch(input_ids: torch.Tensor, mask_token_id: int, block_size: i
         got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else type(
             input_ids).__name__
         raise ValueError(f"input_ids must be an int64 tensor [batch, seq_len], got {got}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    check_positive("block_size", block_size)
     if pad_token_id == mask_token_id:
         raise ValueError(f"pad_token_id must differ from the mask token id {mask_token_id}, got {pad_token_id}")
     real = torch.ones_like(input_ids, dtype=torch.bool)

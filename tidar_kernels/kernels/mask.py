@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_nonnegative, check_positive
+
 
 class Layout(enum.IntEnum):
-    """The four shapes of a forward pass. Mirrored in ``csrc/tidar_mask.h``."""
+    """The four shapes of a forward pass. Mirrored in ``csrc/tidar_mask.h`` (checked by
+    ``python_tests/test_shared_constants.py``)."""
 
     CAUSAL = 0  # plain AR / likelihood: every row is clean
     TRAINING = 1  # [x_0..x_{S-1} | [M] x S], mask blocks of size B
@@ -133,7 +136,8 @@ def training_mask(seq_len: int, block_size: int) -> torch.Tensor:
 
 def prefill_mask(prompt_len: int, draft_len: int) -> torch.Tensor:
     """``[L+k, L+k]`` bool mask of the prefill layout."""
-    _check_positive(prompt_len=prompt_len, draft_len=draft_len)
+    check_positive("prompt_len", prompt_len)
+    check_positive("draft_len", draft_len)
     toks = prefill_tokens(prompt_len, draft_len)
     return may_attend(toks, toks)
 
@@ -144,8 +148,8 @@ def decode_mask(prefix_len: int, draft_len: int) -> torch.Tensor:
     Queries ``[d_0..d_{k-1} | block 1 | ... | block k]``; keys
     ``[cache 0..n-1 | the same step tokens]``.
     """
-    _check_positive(draft_len=draft_len)
-    _check_nonnegative(prefix_len=prefix_len)
+    check_positive("draft_len", draft_len)
+    check_nonnegative("prefix_len", prefix_len)
     step = decode_tokens(prefix_len, draft_len)
     return may_attend(step, clean_tokens(0, prefix_len).cat(step))
 
@@ -158,8 +162,8 @@ def causal_mask(seq_len: int) -> torch.Tensor:
 
 def decode_position_ids(prefix_len: int, draft_len: int) -> torch.Tensor:
     """Position ids ``[k+k*k]`` of a decode step: drafts ``n+i``, block ``j`` slot ``t`` at ``n+j+t``."""
-    _check_positive(draft_len=draft_len)
-    _check_nonnegative(prefix_len=prefix_len)
+    check_positive("draft_len", draft_len)
+    check_nonnegative("prefix_len", prefix_len)
     return decode_tokens(prefix_len, draft_len).pos
 
 
@@ -287,22 +291,11 @@ def _clamp_min0(x):
 
 def check_training_shape(seq_len: int, block_size: int) -> None:
     """The training layout needs whole mask blocks: ``S`` a multiple of ``B``."""
-    _check_positive(seq_len=seq_len, block_size=block_size)
+    check_positive("seq_len", seq_len)
+    check_positive("block_size", block_size)
     if seq_len % block_size:
         raise ValueError(f"seq_len must be a multiple of block_size={block_size} (whole mask blocks), "
                          f"got seq_len={seq_len}")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_nonnegative(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 # ----------------------------------------------------------------------------

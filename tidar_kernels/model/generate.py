@@ -42,6 +42,7 @@ import torch
 from ..kernels import ops
 from .kv_cache import KVCache, PagedKVCache
 from ..kernels.mask import Layout, local_position_ids
+from ..kernels.validation import check_positive
 from .loading import load_chat_tokenizer, load_model
 from .transformer import AttentionContext
 
@@ -446,7 +447,7 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
     at ``max_len``; a smaller pool that runs short raises RuntimeError at a stop check).
     """
     start = time.perf_counter()
-    _check_int("draft_len", draft_len)
+    check_positive("draft_len", draft_len)
     if model.config.mask_token_id is None:
         raise ValueError("model.config.mask_token_id must be set for TiDAR decoding (it drafts with [M]), got "
                          "None; load the checkpoint with tidar_kernels.model.checkpoints, which adds one")
@@ -512,17 +513,17 @@ def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, to
     if batch < 1 or padded < 1:
         raise ValueError(f"input_ids must hold at least one sequence with a non-empty prompt, "
                          f"got shape {tuple(input_ids.shape)}")
-    _check_int("max_new_tokens", max_new_tokens)
-    _check_int("sync_every", sync_every)
+    check_positive("max_new_tokens", max_new_tokens)
+    check_positive("sync_every", sync_every)
     for name, value in (("page_size", page_size), ("num_pages", num_pages)):
         if value is not None:
-            _check_int(name, value)
+            check_positive(name, value)
     if num_pages is not None and page_size is None:
         raise ValueError(f"num_pages ({num_pages}) needs page_size (the paged cache), got page_size None")
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None:
-        _check_int("top_k", top_k)
+        check_positive("top_k", top_k)
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size:
@@ -560,12 +561,6 @@ def _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, to
     sampling = _Sampling(float(temperature), top_k, top_p, generator)
     return _Setup(input_ids, prompt_lens, max_new_tokens, max_len, stop_tokens, sampling, sync_every, page_size,
                   num_pages)
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    """Raise ValueError unless ``value`` is a Python int (not bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int = 0, device=None):

@@ -27,13 +27,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels.ops import MAX_PAGE_SIZE
+from ..kernels.validation import MAX_PAGE_SIZE, check_positive
 
 
 def _check_sizes(**sizes) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(name, value)
 
 
 class _Lengths:

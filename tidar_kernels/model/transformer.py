@@ -32,6 +32,7 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.mask import Layout, check_training_shape, training_position_ids
+from ..kernels.validation import check_positive
 from .kv_cache import KVCache
 
 
@@ -66,9 +67,7 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                      "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive(name, getattr(self, name))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

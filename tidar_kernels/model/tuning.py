@@ -34,6 +34,7 @@ import torch
 from ..kernels import ops
 from .kv_cache import KVCache
 from ..kernels.mask import Layout, local_position_ids
+from ..kernels.validation import check_nonnegative, check_positive
 from .transformer import AttentionContext, Transformer
 
 Acceptance = Union[float, Sequence[float]]
@@ -142,8 +143,8 @@ class ARStep:
 
 def step_ms(model: Transformer, batch_size: int, cache_len: int, draft_len: Optional[int]) -> float:
     """Median latency of one decode step (``draft_len=None``: the AR step) at ``cache_len`` committed tokens."""
-    _check_int("batch_size", batch_size, 1)
-    _check_int("cache_len", cache_len, 0)
+    check_positive("batch_size", batch_size)
+    check_nonnegative("cache_len", cache_len)
     rows = 1 if draft_len is None else draft_len + draft_len * draft_len
     cache = KVCache.for_model(model, batch_size, cache_len + rows)
     cache.reset(torch.full((batch_size,), cache_len, dtype=torch.int32, device=model.device))
@@ -159,7 +160,7 @@ def step_ms(model: Transformer, batch_size: int, cache_len: int, draft_len: Opti
 
 def expected_tokens(draft_len: int, acceptance: Acceptance) -> float:
     """``E[acc]`` committed per step at ``draft_len`` under ``acceptance`` (module docstring)."""
-    _check_int("draft_len", draft_len, 1)
+    check_positive("draft_len", draft_len)
     if isinstance(acceptance, (int, float)) and not isinstance(acceptance, bool):
         if not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance must be a probability in [0, 1] or a histogram, got {acceptance}")
@@ -215,13 +216,13 @@ def tune_draft_length(model: Transformer, batch_size: int, cache_len: int, accep
     ``model`` at ``batch_size`` and ``cache_len`` on the model's device), for
     tests or for latencies measured elsewhere. Ties go to the smaller ``k``.
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("cache_len", cache_len, 0)
+    check_positive("batch_size", batch_size)
+    check_nonnegative("cache_len", cache_len)
     draft_lens = list(draft_lens)
     if not draft_lens:
         raise ValueError("draft_lens must name at least one draft length, got none")
     for k in draft_lens:
-        _check_int("draft_lens entry", k, 1)
+        check_positive("draft_lens entry", k)
     expected = {k: expected_tokens(k, acceptance) for k in draft_lens}  # validates before any timing
     measure = measure or (lambda k: step_ms(model, batch_size, cache_len, k))
     table = []
@@ -235,8 +236,3 @@ def tune_draft_length(model: Transformer, batch_size: int, cache_len: int, accep
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return DraftLengthChoice(best.draft_len, batch_size, cache_len, describe_acceptance(acceptance), name,
                              tuple(table))
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

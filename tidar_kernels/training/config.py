@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..kernels.mask import check_training_shape
+from ..kernels.validation import check_int, check_positive
 
 
 @dataclass
@@ -55,16 +56,13 @@ class TrainArgs:
             value = getattr(self, name)
             if name == "micro_batch_size" and value is None:  # None: batch_size / world size
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive(name, value)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ValueError(f"budget_minutes must be > 0 (minutes of wall time), got {self.budget_minutes}")
-        if self.trainable_layers is not None and (isinstance(self.trainable_layers, bool)
-                                                  or not isinstance(self.trainable_layers, int)
-                                                  or self.trainable_layers < 1):
-            raise ValueError(f"trainable_layers must be an integer >= 1 or None (all), got {self.trainable_layers!r}")
+        if self.trainable_layers is not None:
+            check_int("trainable_layers", self.trainable_layers, 1, note=" or None (all)")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 

@@ -29,6 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..kernels.validation import check_int
 from ..model.tokenizer import EOS_TOKEN, MASK_TOKEN, TextTokenizer
 from .objective import PAD_DOC_ID
 
@@ -249,8 +250,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> TextTokeniz
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"vocab_size must be an integer >= 300 (256 bytes + merges + specials), got {vocab_size!r}")
+    check_int("vocab_size", vocab_size, 300, note=" (256 bytes + merges + specials)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -282,8 +282,7 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: i
     The last row is padded (token ``eos_id``, document id ``-1``) so no text is
     lost; rows are not aligned to documents (a document may span rows).
     """
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    check_int("seq_len", seq_len, 2)
     stream, docs = [], []
     for doc_id, ids in enumerate(token_lists):
         if len(ids):

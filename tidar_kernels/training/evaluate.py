@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as tdata
+from ..kernels.validation import check_positive
 from ..model.generate import ar_generate, tidar_generate
 from ..model.loading import load_model, resolve_run_dir
 from .objective import IGNORE_INDEX, causal_labels
@@ -172,8 +173,7 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
 
     for name, value in (("prompts", prompts), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("ppl_rows", ppl_rows), ("ppl_seq_len", ppl_seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_positive(name, value)
     if not draft_lens or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in draft_lens):
         raise ValueError(f"draft_lens must be a non-empty list of integers >= 1, got {list(draft_lens)!r}")
     if json_path is not None and not Path(json_path).parent.is_dir():

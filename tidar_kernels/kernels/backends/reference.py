@@ -152,7 +152,7 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_l
     ``block_table`` (int32 ``[B, max_pages_per_seq]``): the caches are page pools
     ``[num_pages, page_size, ...]`` addressed through it (see :func:`cache_locations`).
     Only rows ``[0, n_b)`` are read. Every written row must exist (``n_b + W`` within the
-    capacity, valid table entries: :mod:`tidar_kernels.kernels.ops` checks it); an unchecked bad
+    capacity, valid table entries: :mod:`tidar_kernels.kernels.validation` checks it); an unchecked bad
     length or entry makes the write raise an index error instead of landing elsewhere.
     """
     layout = Layout(layout)

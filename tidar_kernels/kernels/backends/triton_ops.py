@@ -352,6 +352,8 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     clean_rows = layout_clean_rows(layout_enum, num_rows, block_size)
     written = rows_written_to_cache(layout_enum, num_rows, block_size)
     out = torch.empty((batch, num_rows, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:  # an empty batch: nothing to launch (the planner needs rows to price)
+        return out
 
     block_d = _block_d(head_dim)
     packed_rows = num_rows * group
