@@ -189,7 +189,7 @@ def check_cached(layout, num_rows, block_size, heads, dtype, cache_lens, prompt_
 
 # (k, cache lengths per sequence, (q_heads, kv_heads)): k = 1, 2, 3, 4, 8, 16; GQA 1, 2, 4, 6
 DECODE_CASES = [
-    pytest.param(1, (0, 1, 37), (2, 2), id="k1-n0,1,37-mha"),
+    pytest.param(1, (0, 1, 37), (2, 2), id="k1-n0,1,37-mha", marks=pytest.mark.gpu_quick),
     pytest.param(2, (5, 0), (4, 2), id="k2-n5,0-gqa2"),
     pytest.param(3, (37, 1, 0), (6, 1), id="k3-n37,1,0-gqa6"),
     pytest.param(4, (1029, 3), (8, 2), id="k4-n1029,3-gqa4-split", marks=pytest.mark.gpu_quick),

@@ -204,6 +204,7 @@ def test_tma_on_gpu_matches_pointer_loop(monkeypatch, heads, head_dim, draft_len
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @needs_hopper
 def test_tma_decode_step_under_torch_compile(monkeypatch):
     """torch.compile traces the op on fake tensors (``tma_legal`` then checks offsets only) and
