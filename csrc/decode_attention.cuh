@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "kernels.h"
+#include "mutation.h"
 #include "ptx.cuh"
 #include "tidar_mask.h"
 
@@ -125,7 +126,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_st
     const int chunk = threadIdx.x + i * kThreads;
     const int row = chunk / S::kChunksPerRow;
     const int col = (chunk % S::kChunksPerRow) * 8;
-    const bool valid = first + row < end;
+    const bool valid = TIDAR_MUTATION(key_bound_past_end, first + row < end, first + row <= end);
     const T* src = valid ? base + (first + row) * row_stride + col : base;
     cp_async_16(smem_addr(smem + row * S::kPitch + col), src, valid ? 16 : 0);
   }
@@ -178,7 +179,7 @@ __device__ __forceinline__ void load_paged_tiles(T* k_smem, T* v_smem, const T* 
         page = tile_page;
         slot = tile_slot + row;
       } else {
-        page = page_of(pages, p, t);
+        page = page_of(pages, p, TIDAR_MUTATION(paged_wrong_page, t, first));
         slot = t % p.page_size;
       }
       k_src += page * p.kcache_stride[0] + slot * p.kcache_stride[1] + col;
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       load_tile<kHeadDim>(v_smem + (stage ^ 1) * S::kTileElems, v_src, v_row_stride, next, key_hi);
     }
     cp_async_commit();  // possibly empty: keeps the group count uniform
-    cp_async_wait<1>();  // this stage has landed
+    cp_async_wait<TIDAR_MUTATION(wait_pending, 1, 2)>();  // this stage has landed
     __syncthreads();
 
     const T* ks = k_smem + stage * S::kTileElems;
@@ -462,13 +463,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         uint32_t vb[4];
         const int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
         const int d = dp * 16 + (lane / 16) * 8;
-        ldmatrix_x4_trans(vb, smem_addr(vs + key * S::kPitch + d));
+        TIDAR_MUTATION(v_not_transposed, ldmatrix_x4_trans, ldmatrix_x4)(vb, smem_addr(vs + key * S::kPitch + d));
         mma_16816<kIsBF16>(o_acc[2 * dp], pa, vb[0], vb[1]);
         mma_16816<kIsBF16>(o_acc[2 * dp + 1], pa, vb[2], vb[3]);
       }
     }
 
-    __syncthreads();  // every warp is done with this stage before it is refilled
+    TIDAR_MUTATION(no_refill_barrier, __syncthreads(), );  // every warp is done with this stage before it is refilled
     tile = next;
   }
 
@@ -478,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     float sum = row_sum[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int r = row0 + warp * 16 + quad_row + 8 * h;
+    const int r = row0 + warp * 16 + quad_row + 8 * TIDAR_MUTATION(output_row_swap, h, (1 - h));
     if (r >= rows) continue;
     const int64_t idx = part_row(r);
     if (sum == 0.f) {  // no visible key in this split (cannot happen for a real row locally)
@@ -490,7 +491,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 #pragma unroll
     for (int i = 0; i < kDTiles; ++i)
       *reinterpret_cast<uint32_t*>(out + i * 8 + quad_col) =
-          Element<kIsBF16>::pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv);
+          TIDAR_MUTATION(partial_pair_swap, Element<kIsBF16>::pack(o_acc[i][2 * h] * inv, o_acc[i][2 * h + 1] * inv),
+                         Element<kIsBF16>::pack(o_acc[i][2 * h + 1] * inv, o_acc[i][2 * h] * inv));
     if (lane % 4 == 0) p.lse_partial[idx] = row_max[h] + __log2f(sum);
   }
 }
@@ -507,7 +509,8 @@ __device__ __forceinline__ void load_pairs(uint32_t (&pairs)[kPerLane / 2], cons
   static_assert(kPerLane == 2 || kPerLane == 4, "head dim 64 or 128");
   if constexpr (kPerLane == 4) {
     const uint64_t bits = *static_cast<const uint64_t*>(src);
-    pairs[0] = static_cast<uint32_t>(bits), pairs[1] = static_cast<uint32_t>(bits >> 32);
+    pairs[0] = static_cast<uint32_t>(TIDAR_MUTATION(merge_word_swap, bits, bits >> 32)),
+    pairs[1] = static_cast<uint32_t>(TIDAR_MUTATION(merge_word_swap, bits >> 32, bits));
   } else {
     pairs[0] = *static_cast<const uint32_t*>(src);
   }

@@ -213,7 +213,7 @@ SHAPES = [
     pytest.param(1, 1, 50, id="B1-k1-V50"),
     pytest.param(1, 16, 151936, id="B1-k16-V151936"),
     pytest.param(3, 4, 32001, id="B3-k4-V32001-odd"),
-    pytest.param(16, 16, 152064, id="B16-k16-V152064"),
+    pytest.param(16, 16, 152064, id="B16-k16-V152064", marks=pytest.mark.gpu_quick),
     pytest.param(5, 3, 4099, id="B5-k3-V4099"),
 ]
 
@@ -229,7 +229,8 @@ def test_cuda_matches_twin(dtype, batch, k, vocab, beta):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("vocab", [37, 8192, 100003], ids=["V37", "V8192", "V100003"])
+@pytest.mark.parametrize("vocab", [pytest.param(37, id="V37"), pytest.param(8192, id="V8192"),
+                                   pytest.param(100003, id="V100003", marks=pytest.mark.gpu_quick)])
 def test_cuda_ties_go_to_lowest_index(vocab):
     op = _cuda_op()
     drafts, a, b, lengths = random_case(4, 5, vocab, torch.float16, seed=vocab, tie_values=True)
@@ -237,6 +238,7 @@ def test_cuda_ties_go_to_lowest_index(vocab):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_inactive_and_strided_logits():
     op = _cuda_op()
     drafts, a, b, lengths = random_case(4, 6, 5000, torch.bfloat16, seed=7)
@@ -248,6 +250,7 @@ def test_cuda_inactive_and_strided_logits():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_mixed_logit_dtypes():
     op = _cuda_op()
     drafts, a, b, lengths = random_case(2, 4, 3000, torch.float16, seed=3)
@@ -255,6 +258,7 @@ def test_cuda_mixed_logit_dtypes():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_nan_wins_like_torch_argmax():
     op = _cuda_op()
     drafts, a, b, lengths = random_case(2, 3, 9000, torch.float32, seed=11)
@@ -265,6 +269,7 @@ def test_cuda_nan_wins_like_torch_argmax():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_subnormal_logits_compare_exactly():
     """Built with -ftz=false: subnormal fp32 logits order exactly as in torch.argmax."""
     op = _cuda_op()
@@ -274,6 +279,7 @@ def test_cuda_subnormal_logits_compare_exactly():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_public_api_selects_cuda():
     _cuda_op()
     drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=5)
@@ -285,6 +291,7 @@ def test_cuda_public_api_selects_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_opcheck():
     op = _cuda_op()
     drafts, a, b, lengths = random_case(2, 4, 1000, torch.bfloat16, seed=9)
@@ -294,6 +301,7 @@ def test_cuda_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_bad_input_raises_before_launch():
     op = _cuda_op()
     drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=1)
@@ -312,6 +320,7 @@ def test_cuda_bad_input_raises_before_launch():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_graph_replay_advances_lengths():
     op = _cuda_op()
     batch, k, vocab = 3, 4, 2048

@@ -182,61 +182,104 @@ def test_simulated_acceptance_matches_its_model():
 # ----------------------------------------------------------------------------
 
 SUITE = ROOT / "bench" / "run_gpu_suite.sh"
-SUITE_STAGES = ["build", "tests-triton", "tests-cuda", "attention", "decode", "token_slots"]
-LEASE_S = {"full": 8 * 60, "quick": 4 * 60}  # the suite's time budgets: 8 min full, 4 min quick
+STAGES = ["build", "tests-triton", "tests-cuda", "sanitizer", "attention", "decode", "token_slots"]
+SUITE_STAGES = {"full": STAGES, "quick": [s for s in STAGES if s != "sanitizer"]}
+KILL_GRACE_S = 10  # the suite's `timeout --kill-after`: a killed stage may run this long past its limit
 
 
-def dry_run(mode: str) -> tuple[int, dict[str, tuple[int, list[str]]]]:
-    """``(suite deadline, {stage: (limit, argv)})`` as ``run_gpu_suite.sh --dry-run`` prints them."""
+def dry_run(mode: str, *options: str, stages: tuple[str, ...] = (),
+            env: dict | None = None) -> tuple[int, int, dict[str, tuple[int, list[str]]]]:
+    """``(budget, suite deadline, {stage: (limit, argv)})`` as ``run_gpu_suite.sh --dry-run`` prints them."""
+    import os
     import re
     import shlex
     import subprocess
-    text = subprocess.run(["bash", str(SUITE), "--dry-run", "/nonexistent/out", mode], check=True,
-                          capture_output=True, text=True).stdout
-    deadline = int(re.search(r"suite deadline (\d+) s", text).group(1))
-    stages = {}
+    text = subprocess.run(["bash", str(SUITE), "--dry-run", *options, "/nonexistent/out", mode, *stages], check=True,
+                          capture_output=True, text=True, env=dict(os.environ, **(env or {}))).stdout
+    budget, deadline = map(int, re.search(r"budget (\d+) s, suite deadline (\d+) s", text).groups())
+    planned = {}
     for line in text.splitlines():
         match = re.match(r"stage (\S+) \(limit (\d+) s\): (.*)", line)
         if match:
-            stages[match.group(1)] = (int(match.group(2)), shlex.split(match.group(3)))
-    return deadline, stages
+            planned[match.group(1)] = (int(match.group(2)), shlex.split(match.group(3)))
+    return budget, deadline, planned
 
 
 @pytest.mark.parametrize("mode", ["full", "quick"])
-def test_gpu_suite_stages_fit_the_lease(mode):
-    deadline, stages = dry_run(mode)
-    assert list(stages) == SUITE_STAGES
-    assert deadline + 15 <= LEASE_S[mode]  # + the 10 s grace of a killed stage and the archive
+@pytest.mark.parametrize("options, env, budget", [
+    ([], {}, None), (["--budget", "90"], {}, 90), (["--budget=1000"], {}, 1000), ([], {"BUDGET_S": "300"}, 300),
+], ids=["default", "flag", "flag=", "env"])
+def test_gpu_suite_plan_fits_the_budget_it_is_given(mode, options, env, budget):
+    got, deadline, stages = dry_run(mode, *options, env=env)
+    assert budget is None or got == budget
+    assert list(stages) == SUITE_STAGES[mode]
+    assert 0 < deadline and deadline + KILL_GRACE_S < got  # a stage killed at the deadline and the archive fit
     for name, (limit, argv) in stages.items():
         assert 0 < limit <= deadline, name
-        assert "/nonexistent/out" in " ".join(argv) or name == "build", f"{name} must write under OUT_ROOT"
+        if "--max-seconds" in argv:  # a benchmark stops starting shapes before its stage is killed
+            assert int(argv[argv.index("--max-seconds") + 1]) < limit, name
+        writes_results = "/nonexistent/out" in " ".join(argv)
+        assert writes_results or name in ("build", "sanitizer"), f"{name} must write under OUT_ROOT"
     assert not Path("/nonexistent/out").exists()  # a dry run writes nothing
 
 
-def test_gpu_suite_quick_mode_runs_every_gpu_test_function():
-    """Each quick test id exists, every gpu-marked test function has one, and the full mode runs
-    every file that holds gpu-marked tests."""
+def test_gpu_suite_stage_limits_are_options():
+    _, _, stages = dry_run("quick", "--budget", "1000", env={"DECODE_S": "77", "SANITIZER_S": "33"})
+    assert stages["decode"][0] == 77 and "sanitizer" not in stages
+    _, _, stages = dry_run("quick", "--budget", "1000", stages=("sanitizer",), env={"SANITIZER_S": "33"})
+    assert stages["sanitizer"][0] == 33
+
+
+@pytest.mark.parametrize("options", [["--budget", "15"], ["--budget", "4m"], ["--budget"], ["--fast"]],
+                         ids=["under-reserve", "not-seconds", "no-value", "unknown"])
+def test_gpu_suite_rejects_bad_options(options):
+    import subprocess
+    result = subprocess.run(["bash", str(SUITE), "--dry-run", *options, "/nonexistent/out", "quick"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+
+
+def quick_coverage_gaps(items: dict[str, tuple[bool, bool]]) -> list[str]:
+    """Test functions with a gpu-marked case but no gpu_quick case, from ``{test id: (gpu, gpu_quick)}``."""
+    def functions(marked):
+        return {test_id.split("[")[0] for test_id, marks in items.items() if marks[marked]}
+    return sorted(functions(0) - functions(1))
+
+
+def test_quick_coverage_gaps_names_each_uncovered_gpu_function():
+    items = {"f.py::a[x]": (True, False), "f.py::a[y]": (True, True), "f.py::b[x]": (True, False),
+             "f.py::b[y]": (False, True), "f.py::c": (True, False), "f.py::d": (False, False)}
+    assert quick_coverage_gaps(items) == ["f.py::c"]  # b's quick case need not be its gpu one
+
+
+def test_gpu_suite_quick_mode_covers_every_gpu_test_function():
+    """The quick mode selects gpu_quick cases from the files the full mode runs whole, which are the
+    files holding gpu-marked tests, and every gpu-marked test function has a gpu_quick case."""
     import json
     import os
     import subprocess
     import textwrap
-    _, quick = dry_run("quick")
-    _, full = dry_run("full")
-    ids = [arg for name in ("tests-triton", "tests-cuda") for arg in quick[name][1] if "::" in arg]
+    _, _, quick = dry_run("quick")
+    _, _, full = dry_run("full")
     gpu_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "python_tests").glob("test_*.py")
                        if "pytest.mark.gpu" in p.read_text() and p.name != "test_bench.py")
-    full_files = sorted(arg for name in ("tests-triton", "tests-cuda") for arg in full[name][1]
-                        if arg.startswith("python_tests/"))
-    assert full_files == gpu_files
+
+    def files(stages):
+        return sorted(arg for name in ("tests-triton", "tests-cuda") for arg in stages[name][1]
+                      if arg.startswith("python_tests/"))
+    assert files(full) == gpu_files and files(quick) == gpu_files
+    for name in ("tests-triton", "tests-cuda"):
+        assert " -m gpu_quick " in " ".join(quick[name][1]) and "gpu_quick" not in full[name][1], name
 
     # One collection of those files (TRITON_INTERPRET=1: the Triton module collects on the CPU),
-    # recording each test id and whether it is gpu-marked.
+    # recording each test id's gpu and gpu_quick markers.
     collector = textwrap.dedent("""
         import json, sys, pytest
         class Record:
             items = {}
             def pytest_collection_finish(self, session):
-                self.items.update({i.nodeid: i.get_closest_marker("gpu") is not None for i in session.items})
+                self.items.update({i.nodeid: (i.get_closest_marker("gpu") is not None,
+                                              i.get_closest_marker("gpu_quick") is not None) for i in session.items})
         code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider"] + sys.argv[1:], plugins=[Record()])
         print("COLLECTED", json.dumps(Record.items))
         sys.exit(code)
@@ -246,10 +289,9 @@ def test_gpu_suite_quick_mode_runs_every_gpu_test_function():
                             text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     collected = json.loads(result.stdout.split("COLLECTED ", 1)[1])
-    assert set(ids) <= set(collected), sorted(set(ids) - set(collected))
-    gpu_functions = {test_id.split("[")[0] for test_id, gpu in collected.items() if gpu}
-    missing = gpu_functions - {test_id.split("[")[0] for test_id in ids}
-    assert gpu_functions and not missing, f"gpu-marked tests with no case in the quick mode: {sorted(missing)}"
+    assert any(gpu for gpu, _ in collected.values()) and any(quick for _, quick in collected.values())
+    assert not quick_coverage_gaps(collected), \
+        f"gpu-marked tests with no gpu_quick case: {quick_coverage_gaps(collected)}"
 
 
 def test_gpu_suite_archives_everything_when_stages_fail_hang_or_run_out_of_time(tmp_path):
@@ -261,12 +303,22 @@ def test_gpu_suite_archives_everything_when_stages_fail_hang_or_run_out_of_time(
     fake_python.write_text('#!/bin/sh\n[ "$1" = bench/decode.py ] && exit 3\nexec sleep 30\n')
     fake_python.chmod(0o755)
     out = tmp_path / "out"
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake_python), "SUITE_S": "3", "MIN_STAGE_S": "2",
-           "ATTENTION_S": "2"}
-    result = subprocess.run(["bash", str(SUITE), str(out), "quick", "decode", "attention", "token_slots"],
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake_python), "MIN_STAGE_S": "2", "ATTENTION_S": "2"}
+    result = subprocess.run(["bash", str(SUITE), "--budget", "18", str(out), "quick", "decode", "attention",
+                             "token_slots"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     outcomes = dict(line.split()[:2] for line in (out / "logs" / "stages.txt").read_text().splitlines())
     assert outcomes == {"decode": "failed(exit-3)", "attention": "timed-out", "token_slots": "skipped-for-time"}
     with tarfile.open(f"{out}.tar.gz") as archive:
         assert {"./logs/stages.txt", "./logs/decode.log", "./logs/attention.log"} <= set(archive.getnames())
+
+
+def test_gpu_suite_sanitizer_stage_without_the_tool_is_recorded_not_failed(tmp_path):
+    import subprocess
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "COMPUTE_SANITIZER": str(tmp_path / "no-compute-sanitizer")}
+    result = subprocess.run(["bash", str(SUITE), str(out), "full", "sanitizer"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "logs" / "stages.txt").read_text().split()[:2] == ["sanitizer", "no-tool"]

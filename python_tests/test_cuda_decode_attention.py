@@ -39,6 +39,7 @@ needs_extension_build = pytest.mark.skipif(
 # ================================================================================================
 
 @needs_extension_build
+@pytest.mark.gpu_quick  # run where the extension was just built
 def test_extension_imports_and_registers_ops():
     import tidar_kernels._C as ext
 
@@ -187,8 +188,8 @@ SHAPES = [
     pytest.param(4, (8, 2), [257, 64, 3], 300, id="k4-gqa4"),
     pytest.param(8, (6, 1), [504], 512, id="k8-mqa6-full"),
     pytest.param(16, (4, 1), [1000, 33], 1040, id="k16-gqa4"),
-    pytest.param(16, (2, 2), [0, 48], 64, id="k16-mha-full-and-empty"),
-    pytest.param(4, (8, 2), [8000], 8192, id="k4-long-many-splits"),
+    pytest.param(16, (2, 2), [0, 48], 64, id="k16-mha-full-and-empty", marks=pytest.mark.gpu_quick),
+    pytest.param(4, (8, 2), [8000], 8192, id="k4-long-many-splits", marks=pytest.mark.gpu_quick),
 ]
 
 
@@ -247,6 +248,7 @@ def split_weight_spread(q, k_cache, cache_seqlens, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype):
     """Split partials stored in fp16/bf16 with weights and sizes spanning orders of magnitude."""
@@ -258,6 +260,7 @@ def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_backend_supports_decode_on_this_gpu():
     _op()
     cuda = backends.load("cuda")
@@ -273,6 +276,7 @@ def test_cuda_backend_supports_decode_on_this_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_strided_inputs_and_custom_scale():
     """q/k/v as slices of one fused projection, a cache with spare heads: strides != shapes."""
     op = _op()
@@ -287,6 +291,7 @@ def test_strided_inputs_and_custom_scale():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_public_api_uses_cuda_backend():
     _op()
     q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 3, (8, 2), 64, 50, [20, 30], torch.float16)
@@ -296,6 +301,7 @@ def test_public_api_uses_cuda_backend():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_graph_replay_with_commit_over_many_steps():
     """One captured step (attention + accept) replayed 20 times: lengths advance on the device."""
     _op()
@@ -337,6 +343,7 @@ def test_cuda_graph_replay_with_commit_over_many_steps():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype):
     op = _op()
@@ -378,6 +385,7 @@ def check_bad_decode_input_raises_before_any_write(op, step, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_bad_input_raises_before_any_write():
     step = make_step(2, 2, (4, 2), 64, 40, [3, 30], torch.float16)
     with pytest.raises(RuntimeError, match="v_new must be a CUDA tensor"):

@@ -104,6 +104,7 @@ def test_one_process_fsdp_matches_the_unsharded_run():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_fsdp_bf16_mixed_precision_on_cuda_trains_like_autocast():
     """On CUDA FSDP2 computes in bf16 (fp32 master weights and reductions): losses track bf16 autocast's."""
     import dataclasses

@@ -256,6 +256,7 @@ def test_cli_streams_and_reports(tmp_path, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_graph_step_matches_eager():
     model = tiny_model(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
@@ -267,6 +268,7 @@ def test_cuda_graph_step_matches_eager():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_bf16_agreement_rate():
     """bf16 on CUDA: TiDAR (beta = 1) and AR agree up to argmax ties; report the token agreement."""
     agree = total = 0
@@ -282,6 +284,7 @@ def test_bf16_agreement_rate():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_step_never_syncs(temperature):
     """A decode step (TiDAR and AR) launches work only: CUDA's sync debug mode turns any sync into an error."""

@@ -464,6 +464,7 @@ def test_smollm2_greedy_generate_equals_hf_generate():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_generate_and_loss():
     """fp32 on CUDA: exact greedy against model.generate and the loss against the package's;
     bf16: decoding and a training step run (agreement in bf16 is not asserted here)."""

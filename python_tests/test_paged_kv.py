@@ -576,7 +576,7 @@ needs_compiler = pytest.mark.skipif(INTERPRET, reason="needs the Triton compiler
 @pytest.mark.gpu
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("page_size", [1, 16, 64], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("page_size", [1, pytest.param(16, marks=pytest.mark.gpu_quick), 64], ids=lambda p: f"page{p}")
 @pytest.mark.parametrize("op", list(OPS))
 def test_paged_triton_on_gpu(op, page_size, dtype):
     layout, lens, heads, draft_len, padded, prompts = OPS[op]
@@ -586,7 +586,7 @@ def test_paged_triton_on_gpu(op, page_size, dtype):
 
 @pytest.mark.gpu
 @needs_compiler
-@pytest.mark.parametrize("page_size", [1, 16, 64], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("page_size", [1, 16, pytest.param(64, marks=pytest.mark.gpu_quick)], ids=lambda p: f"page{p}")
 def test_paged_triton_on_gpu_long_cache(page_size):
     """Model-sized heads and a long cache: the split (flash-decoding) path over pages."""
     check_cached_call("triton", Layout.DECODE, (3000, 1, 700), (12, 2), dtype=torch.bfloat16, draft_len=8,
@@ -595,7 +595,8 @@ def test_paged_triton_on_gpu_long_cache(page_size):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(KERNEL_CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.gpu_quick)
+                                  if case == "page3-bf16-d128-gqa3-3splits" else case for case in KERNEL_CASES])
 def test_paged_cuda_kernel_on_gpu(monkeypatch, case, dtype):
     """The emulated cases on the hardware, at head dim 128 and in both dtypes (forced splits too)."""
     if backends.load("cuda") is None:
@@ -608,7 +609,8 @@ def test_paged_cuda_kernel_on_gpu(monkeypatch, case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page_size", [1, 16, 64, 256], ids=lambda p: f"page{p}")
+@pytest.mark.parametrize("page_size", [1, pytest.param(16, marks=pytest.mark.gpu_quick), 64, 256],
+                         ids=lambda p: f"page{p}")
 def test_paged_cuda_kernel_on_gpu_long_cache(page_size):
     """Model-sized heads and a long cache: the planner's split count over pages."""
     if backends.load("cuda") is None:
@@ -618,6 +620,7 @@ def test_paged_cuda_kernel_on_gpu_long_cache(page_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_bad_paged_kernel_input_raises_before_any_write_on_gpu():
     if backends.load("cuda") is None:
         pytest.skip("the CUDA extension tidar_kernels._C is not built")
@@ -625,6 +628,7 @@ def test_bad_paged_kernel_input_raises_before_any_write_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_paged_decode_step_cuda_graph_replay_with_changing_tables(backend):
     """A captured paged step replays what an eager call does for new lengths and new page tables."""
@@ -658,6 +662,7 @@ def test_paged_decode_step_cuda_graph_replay_with_changing_tables(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_paged_loops_on_gpu_match_contiguous():
     model = tiny_model(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
@@ -672,6 +677,7 @@ def test_paged_loops_on_gpu_match_contiguous():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_paged_step_never_syncs():
     """Pages are reserved at the stop check; the step itself only launches work."""
     from tidar_kernels.model import generate

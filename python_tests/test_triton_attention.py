@@ -97,7 +97,7 @@ TRAINING_CASES = [
     pytest.param(36, 4, (4, 1), id="S36-B4-gqa4"),
     pytest.param(40, 8, (2, 1), id="S40-B8-gqa2"),
     pytest.param(48, 16, (3, 3), id="S48-B16-mha"),
-    pytest.param(150, 6, (2, 1), id="S150-B6-gqa2-multitile"),
+    pytest.param(150, 6, (2, 1), id="S150-B6-gqa2-multitile", marks=pytest.mark.gpu_quick),
 ]
 
 
@@ -109,7 +109,7 @@ def test_training_forward_backward(seq_len, block_size, heads, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seq_len,heads", [pytest.param(1, (2, 1), id="T1"), pytest.param(37, (6, 2), id="T37"),
-                                           pytest.param(133, (4, 4), id="T133-multitile")])
+                                           pytest.param(133, (4, 4), id="T133-multitile", marks=pytest.mark.gpu_quick)])
 def test_causal_forward_backward(seq_len, heads, dtype):
     check_training(Layout.CAUSAL, seq_len, 1, heads, dtype)
 
@@ -189,12 +189,12 @@ def check_cached(layout, num_rows, block_size, heads, dtype, cache_lens, prompt_
 
 # (k, cache lengths per sequence, (q_heads, kv_heads)): k = 1, 2, 3, 4, 8, 16; GQA 1, 2, 4, 6
 DECODE_CASES = [
-    pytest.param(1, (0, 1, 37), (2, 2), id="k1-n0,1,37-mha"),
+    pytest.param(1, (0, 1, 37), (2, 2), id="k1-n0,1,37-mha", marks=pytest.mark.gpu_quick),
     pytest.param(2, (5, 0), (4, 2), id="k2-n5,0-gqa2"),
     pytest.param(3, (37, 1, 0), (6, 1), id="k3-n37,1,0-gqa6"),
-    pytest.param(4, (1029, 3), (8, 2), id="k4-n1029,3-gqa4-split"),
+    pytest.param(4, (1029, 3), (8, 2), id="k4-n1029,3-gqa4-split", marks=pytest.mark.gpu_quick),
     pytest.param(8, (1, 600), (2, 2), id="k8-n1,600-mha-split"),
-    pytest.param(16, (37,), (2, 1), id="k16-n37-gqa2"),
+    pytest.param(16, (37,), (2, 1), id="k16-n37-gqa2", marks=pytest.mark.gpu_quick),
 ]
 
 
@@ -207,7 +207,7 @@ def test_decode_step(draft_len, cache_lens, heads, dtype):
 # (padded prompt P, k, real prompt lengths, cache lengths, heads)
 PREFILL_CASES = [
     pytest.param(24, 4, (24, 1, 13), (0, 0, 0), (4, 2), id="P24-k4-empty-cache"),
-    pytest.param(37, 3, (37, 20), (5, 600), (4, 1), id="P37-k3-cached-split"),
+    pytest.param(37, 3, (37, 20), (5, 600), (4, 1), id="P37-k3-cached-split", marks=pytest.mark.gpu_quick),
     pytest.param(1, 1, (1,), (0,), (2, 2), id="P1-k1"),
 ]
 
@@ -219,8 +219,9 @@ def test_prefill(padded, draft_len, prompt_lens, cache_lens, heads, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_rows,cache_lens,heads", [pytest.param(1, (0, 9, 1030), (4, 2), id="T1-ar-step"),
-                                                       pytest.param(7, (3, 40), (6, 6), id="T7-append")])
+@pytest.mark.parametrize("num_rows,cache_lens,heads", [
+    pytest.param(1, (0, 9, 1030), (4, 2), id="T1-ar-step", marks=pytest.mark.gpu_quick),
+    pytest.param(7, (3, 40), (6, 6), id="T7-append")])
 def test_causal_append(num_rows, cache_lens, heads, dtype):
     check_cached(Layout.CAUSAL, num_rows, 1, heads, dtype, cache_lens)
 
@@ -271,6 +272,7 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration") if INTERPRET else 
     "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
+@pytest.mark.gpu_quick
 def test_opcheck_every_triton_op():
     q, k, v = (randn(2, 12, h, 16, dtype=torch.float32) for h in (4, 2, 2))
     q.requires_grad_()
@@ -292,6 +294,7 @@ def test_opcheck_every_triton_op():
                           test_utils=OPCHECK_UTILS)
 
 
+@pytest.mark.gpu_quick
 def test_backend_support_matrix():
     assert TRITON is not None and TRITON.name == "triton" and TRITON.accept_drafts is None
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -334,7 +337,8 @@ def test_unsupported_calls_raise_naming_the_backend():
 @needs_compiler
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("heads", [(12, 2), (32, 8)], ids=["qwen1.5b", "qwen8b"])
+@pytest.mark.parametrize("heads", [pytest.param((12, 2), id="qwen1.5b", marks=pytest.mark.gpu_quick),
+                                   pytest.param((32, 8), id="qwen8b")])
 def test_model_shapes(heads, dtype, head_dim):
     check_training(Layout.TRAINING, 520, 8, heads, dtype, batch=1, head_dim=head_dim)
     check_cached(Layout.DECODE, 16 + 256, 16, heads, dtype, (0, 4093, 1000), head_dim=head_dim)
@@ -343,6 +347,7 @@ def test_model_shapes(heads, dtype, head_dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @needs_compiler
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
 def test_decode_step_cuda_graph_replay_with_changing_lengths(monkeypatch, tma):
@@ -378,6 +383,7 @@ def test_decode_step_cuda_graph_replay_with_changing_lengths(monkeypatch, tma):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @needs_compiler
 def test_torch_compile_fullgraph_over_triton_ops():
     q, k, v = (randn(2, 64, h, 64, dtype=torch.bfloat16).requires_grad_() for h in (6, 2, 2))

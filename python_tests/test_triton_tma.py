@@ -176,8 +176,10 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("heads,head_dim,draft_len,cache_lens",
-                         [((12, 2), 128, 16, (4093, 0, 1000)), ((32, 8), 128, 4, (16381,)), ((4, 2), 64, 3, (37, 1))],
-                         ids=["qwen1.5b-k16", "qwen8b-k4-long", "small-d64"])
+                         [pytest.param((12, 2), 128, 16, (4093, 0, 1000), id="qwen1.5b-k16",
+                                       marks=pytest.mark.gpu_quick),
+                          pytest.param((32, 8), 128, 4, (16381,), id="qwen8b-k4-long"),
+                          pytest.param((4, 2), 64, 3, (37, 1), id="small-d64")])
 def test_tma_on_gpu_matches_pointer_loop(monkeypatch, heads, head_dim, draft_len, cache_lens, dtype):
     """Same inputs (NaN past ``n``), TMA on vs off: the rule between them (tiles and order are the
     same, so they should agree far inside it), the same cache writes, and TMA really taken."""
@@ -202,6 +204,7 @@ def test_tma_on_gpu_matches_pointer_loop(monkeypatch, heads, head_dim, draft_len
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @needs_hopper
 def test_tma_decode_step_under_torch_compile(monkeypatch):
     """torch.compile traces the op on fake tensors (``tma_legal`` then checks offsets only) and

@@ -9,6 +9,7 @@
 # Usage: scripts/emulated_sanitizers.sh [SRC_DIR [BUILD_DIR [asan|tsan|both|plain [driver args]]]]
 #   SRC_DIR   sources to build (default: this checkout's csrc; the mutation script passes a copy)
 #   BUILD_DIR where the binaries go (default build/sanitizers)
+# EXTRA_CXXFLAGS (env) is added to every compile: the mutation script passes -DTIDAR_MUTATE_<name>.
 # Needs g++ (or CXX) with libasan/libubsan/libtsan and the CUDA headers (scripts/cuda_headers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,8 @@ IFS=';' read -ra dirs <<<"$(python scripts/cuda_headers.py)"
 for d in "${dirs[@]}"; do includes+=(-I"$d"); done
 sources=("$src/emulation/driver.cpp" "$src/emulation/kernels_emulated.cpp" "$src/decode_attention_plan.cpp")
 common=(-std=c++17 -O1 -g -pthread -ffp-contract=off -Wno-unknown-pragmas -fno-omit-frame-pointer -I"$src" "${includes[@]}")
+# shellcheck disable=SC2206
+common+=(${EXTRA_CXXFLAGS:-})
 
 run() {  # name, sanitizer flags, env
   local name=$1 flags=$2 env=$3
