@@ -201,3 +201,32 @@ def test_bad_input_raises_before_any_forward(monkeypatch):
             run()
     with pytest.raises(ValueError, match="read_only"):
         AttentionContext(Layout.DECODE, 4, KVCache.for_model(model, 1, 8), read_only=True)
+
+
+def test_cli_modes(tmp_path, capsys, monkeypatch):
+    """``generate --mode linear|quadratic --block-len B --spec-lora DIR --ar``: same text as AR in both modes."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from tidar_kernels.model import checkpoints
+    from tidar_kernels.model.generate import main
+
+    model = tiny_model(0, vocab_size=97)
+    checkpoints.save_pretrained(model, tmp_path)
+    vocab = {f"w{i}": i for i in range(95)} | {"<|endoftext|>": 95}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    # The checkpoint loader of the spec LoRA is stood in for: any LoraWeights-shaped object will do.
+    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path: random_lora(model, targets=("o_proj",)),
+                        raising=False)
+    for mode, name in (("linear", "linear"), ("quadratic", "TiDAR")):
+        main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--mode", mode,
+              "--block-len", "4", "--spec-lora", str(tmp_path), "--ar"])
+        out = capsys.readouterr().out
+        spec_text, ar_text = (part.split("\n")[1] for part in out.split("---")[2::2])
+        assert spec_text == ar_text and f"[{name}] 5 tokens" in out
+    for bad in (["--block-len", "33"], ["--mode", "linear", "--temperature", "0.5"]):
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path), "--prompt", "w1", *bad])

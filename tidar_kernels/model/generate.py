@@ -42,7 +42,8 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Unio
 import torch
 
 from ..kernels import ops
-from .adapters import adapters_of
+from . import checkpoints
+from .adapters import adapters_of, attach_lora
 from .kv_cache import KVCache, PagedKVCache
 from ..kernels.mask import Layout, local_position_ids
 from .loading import load_chat_tokenizer, load_model
@@ -703,6 +704,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic",
+                        help="quadratic: TiDAR's one-forward step (tidar_generate); linear: draft block then "
+                             "causal verify (linear_spec_generate, greedy)")
+    parser.add_argument("--block-len", type=int, default=None,
+                        help="the block length B (quadratic: the draft length k); default --draft-len")
+    parser.add_argument("--spec-lora", default=None, metavar="DIR",
+                        help="a linear_spec_lora/ directory: its adapter runs on the mask rows (quadratic) "
+                             "or in the draft forward (linear)")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -714,10 +723,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
+    block_len = args.draft_len if args.block_len is None else args.block_len
+    if not 1 <= block_len <= MAX_BLOCK_LEN:
+        parser.error(f"--block-len must lie in [1, {MAX_BLOCK_LEN}], got {block_len}")
+    if args.mode == "linear" and args.temperature != 0.0:
+        parser.error(f"--temperature must be 0 with --mode linear (greedy only), got {args.temperature}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device, dtype, require_mask_token=False)
+    if args.spec_lora is not None:
+        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora))
     if args.chat:
         chat = load_chat_tokenizer(args.model)
         ids = chat.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -727,8 +743,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   eos_token_id=tokenizer.eos_id, sync_every=1)
-    runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, args.draft_len,
-                                                    beta=args.beta, **common, **kw))]
+    if args.mode == "linear":
+        spec_lora = "draft" if args.spec_lora is not None else None
+        runs = [("linear", lambda **kw: linear_spec_generate(
+            model, input_ids, args.max_new_tokens, block_len, eos_token_id=tokenizer.eos_id, sync_every=1,
+            spec_lora=spec_lora, **kw))]
+    else:
+        spec_lora = "mask_rows" if args.spec_lora is not None else None
+        runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, block_len,
+                                                        beta=args.beta, spec_lora=spec_lora, **common, **kw))]
     if args.ar:
         runs.append(("AR", lambda **kw: ar_generate(model, input_ids, args.max_new_tokens, **common, **kw)))
     for name, run in runs:
