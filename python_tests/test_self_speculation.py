@@ -230,3 +230,33 @@ def test_cli_modes(tmp_path, capsys, monkeypatch):
     for bad in (["--block-len", "33"], ["--mode", "linear", "--temperature", "0.5"]):
         with pytest.raises(SystemExit):
             main(["--model", str(tmp_path), "--prompt", "w1", *bad])
+
+
+def test_bench_decode_model_dir_smoke(tmp_path, monkeypatch):
+    """``bench/decode.py --smoke --model DIR --prompt TEXT --spec-lora DIR``: AR, quadratic and linear rows."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from bench import common, decode
+    from tidar_kernels.model import checkpoints
+
+    model = tiny_model(0, vocab_size=97)
+    checkpoints.save_pretrained(model, tmp_path / "ckpt")
+    vocab = {f"w{i}": i for i in range(95)} | {"<|endoftext|>": 95}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path: random_lora(model, targets=("o_proj",)),
+                        raising=False)
+    threads = torch.get_num_threads()
+    try:
+        decode.main(["--smoke", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "ckpt"),
+                     "--prompt", "w1 w2 w3", "--spec-lora", str(tmp_path / "ckpt")])
+    finally:
+        torch.set_num_threads(threads)
+    _, rows = common.read_csv(tmp_path / "out" / common.SMOKE_DEVICE / "decode_self_spec.csv")
+    assert {(r["method"], r["block_len"], r["batch"]) for r in rows} == {
+        (m, b, batch) for batch in ("1", "2") for m, b in [("ar", ""), ("quadratic", "2"), ("quadratic", "4"),
+                                                             ("linear", "2"), ("linear", "4")]}
+    assert all(r["spec_lora"] == str(r["method"] != "ar") and float(r["tokens_per_s"]) > 0 for r in rows)
