@@ -8,6 +8,7 @@ cache whose unused rows hold NaN.
 """
 import pytest
 import torch
+from decode_plan_cases import cuda_decode_plan
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 from test_adapters import random_lora
 
@@ -173,7 +174,6 @@ def test_planners_take_k32():
     """The Triton planner tiles 1,056 step rows (x 4 heads of a group); the CUDA planner's cases include k = 32."""
     plan = plan_cached(torch.bfloat16, 1, 32 + 32 * 32, 32, 8, 128, 4096, 32, roofline.H100)
     assert plan.block_m in (64, 128) and 1 <= plan.splits <= 32
-    from decode_plan_cases import cuda_decode_plan
     _, splits, _ = cuda_decode_plan(1, 32 + 32 * 32, 32, 32, 8, 128, 4096, roofline.H100)
     assert 1 <= splits <= 32
 
