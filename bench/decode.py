@@ -29,9 +29,18 @@ On an H100 SXM or H200 every ``step_ms`` row also gets ``limit_ms``, the rooflin
 step (:func:`tidar_kernels.kernels.roofline.model_forward`: weights and cache read once, the
 projection, MLP, attention and LM-head FLOPs), and ``of_limit = limit_ms / step_ms``.
 
+Self-speculation (``decode_self_spec.csv``): the real loops of AR, quadratic self-speculation
+(``tidar_generate`` at k = ``--spec-lens``, default 4, 8, 16, 32) and linear self-speculation
+(``linear_spec_generate``, two forwards a step, same block lengths), at ``--spec-batches``
+(default 1 and 8): tokens/s of the whole call (prefill included) and the measured tokens
+per forward, greedy. Random weights accept next to nothing; ``--model DIR`` loads a
+checkpoint (:func:`tidar_kernels.model.loading.load_model`) for every table instead of
+``--models``, ``--prompt`` gives it real text, and ``--spec-lora DIR`` attaches its
+speculation adapter (on the mask rows in quadratic mode, in the draft in linear mode).
+
 Outputs ``decode.csv`` (AR and TiDAR rows: both latencies, tokens per forward,
 tokens/s and speedup from ``loop_ms``, both latency ratios to AR), ``decode_tuning.csv`` (the tuner's
-table) and ``decode.png``.
+table), ``decode_self_spec.csv`` and ``decode.png``.
 
 Reproduce (GPU): ``python bench/decode.py --models qwen2.5-1.5b,qwen3-8b``.
 """
@@ -50,7 +59,10 @@ if __package__ in (None, ""):
 
 from bench import common
 from tidar_kernels.kernels import roofline
-from tidar_kernels.model.generate import ar_generate, tidar_generate
+from tidar_kernels.model import checkpoints
+from tidar_kernels.model.adapters import adapters_of, attach_lora
+from tidar_kernels.model.generate import ar_generate, linear_spec_generate, tidar_generate
+from tidar_kernels.model.loading import load_model
 from tidar_kernels.model.transformer import CONFIGS
 from tidar_kernels.model.tuning import describe_acceptance, expected_tokens, step_ms, tune_draft_length
 
@@ -154,11 +166,50 @@ def step_roofline(config, batch: int, cache_len: int, draft_len: Optional[int], 
     return common.roofline_columns(work, traffic, ms, figures)
 
 
-def measure_model(name: str, args, device: torch.device, dtype: torch.dtype,
-                  figures=None) -> tuple[list[dict], list[dict]]:
+def self_speculation_rows(name: str, model, args, prompt_ids: Optional[list[int]]) -> list[dict]:
+    """AR, quadratic and linear self-speculation rows of one model (module docstring).
+
+    Each configuration runs once to warm up (kernels, graph capture), then once measured
+    with ``--new-tokens``' LONG count; ``prompt_ids`` (else random tokens of ``--cache-len``).
+    """
+    lora = bool(adapters_of(model))
+    runs = [("ar", "", ar_generate, {})]
+    runs += [("quadratic", b, tidar_generate, {"draft_len": b, "spec_lora": "mask_rows" if lora else None})
+             for b in args.spec_lens]
+    runs += [("linear", b, linear_spec_generate, {"block_len": b, "spec_lora": "draft" if lora else None})
+             for b in args.spec_lens]
+    rows = []
+    for batch in args.spec_batches:
+        if prompt_ids is None:
+            prompt = random_prompt(model, batch, max(1, args.cache_len))
+        else:
+            prompt = torch.tensor([prompt_ids] * batch, dtype=torch.long, device=model.device)
+        for method, block_len, generate, kwargs in runs:
+            generate(model, prompt, args.new_tokens[0], **kwargs)
+            result = generate(model, prompt, args.new_tokens[1], **kwargs)
+            rows.append({"model": name, "batch": batch, "prompt_len": prompt.shape[1], "method": method,
+                         "block_len": block_len, "spec_lora": lora and method != "ar",
+                         "new_tokens": int(result.lengths.sum()), "forwards": result.forwards,
+                         "tokens_per_forward": result.tokens_per_forward,
+                         "tokens_per_s": result.tokens_per_second})
+    return rows
+
+
+def load_models(args, device: torch.device, dtype: torch.dtype):
+    """``(name, model, prompt ids or None)`` of every model to measure: ``--model DIR`` or ``--models``."""
+    if args.model is None:
+        for name in args.models:
+            yield name, common.random_model(name, device, dtype), None
+        return
+    model, tokenizer = load_model(args.model, device, dtype)
+    if args.spec_lora is not None:
+        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora))
+    yield Path(args.model).name, model, (tokenizer.encode(args.prompt) if args.prompt else None)
+
+
+def measure_model(name: str, model, args, figures=None) -> tuple[list[dict], list[dict]]:
     """``(decode rows, tuning rows)`` of one model; with the GPU's datasheet ``figures`` the
     step rows carry their roofline limit and the fraction of it reached."""
-    model = common.random_model(name, device, dtype)
     prompt = random_prompt(model, args.batch, args.cache_len)
     choice = tune_draft_length(model, args.batch, args.cache_len, args.acceptance_model, args.draft_lens)
     chosen = args.draft_len or choice.draft_len
@@ -205,10 +256,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=common.parse_int_list, default=[32, 160],
                         help="SHORT,LONG new tokens of the two real-loop runs whose difference is timed")
     parser.add_argument("--repeats", type=int, default=3, help="real-loop measurements (median)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="a checkpoint (tidar_kernels.model.loading.load_model) instead of --models")
+    parser.add_argument("--prompt", default=None, help="with --model: the self-speculation rows' prompt text")
+    parser.add_argument("--spec-lora", default=None, metavar="DIR",
+                        help="with --model: a linear_spec_lora/ directory to attach")
+    parser.add_argument("--spec-lens", type=common.parse_int_list, default=[4, 8, 16, 32],
+                        help="block lengths of the self-speculation rows (1..32)")
+    parser.add_argument("--spec-batches", type=common.parse_int_list, default=[1, 8],
+                        help="batch sizes of the self-speculation rows")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.cache_len, args.draft_lens, args.steps = ["tiny"], 32, [1, 2, 3, 4], 50
         args.new_tokens, args.repeats = [4, 12], 1
+        args.spec_lens, args.spec_batches = [2, 4], [1, 2]
+    if (args.prompt is not None or args.spec_lora is not None) and args.model is None:
+        parser.error("--prompt and --spec-lora need --model DIR")
+    if any(not 1 <= b <= 32 for b in args.spec_lens) or any(b < 1 for b in args.spec_batches):
+        parser.error(f"--spec-lens must lie in [1, 32] and --spec-batches be >= 1, got {args.spec_lens} and "
+                     f"{args.spec_batches}")
     unknown = [name for name in args.models if name not in CONFIGS]
     if unknown:
         parser.error(f"--models must be from {sorted(CONFIGS)}, got {unknown}")
@@ -238,22 +304,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     common.print_header(meta)
     print(f"# acceptance: {meta['acceptance']} (a parameter, not measured: the weights are random)")
 
-    rows, tuning = [], []
+    rows, tuning, spec = [], [], []
     figures = common.roofline_device(args.smoke)
-    for name in args.models:
-        new_rows, new_tuning = measure_model(name, args, device, dtype, figures)
+    for name, model, prompt_ids in load_models(args, device, dtype):
+        new_rows, new_tuning = measure_model(name, model, args, figures)
         rows, tuning = rows + new_rows, tuning + new_tuning
+        spec += self_speculation_rows(name, model, args, prompt_ids)
+        del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     path = common.write_csv(out_dir / "decode.csv", rows, meta)
     common.write_csv(out_dir / "decode_tuning.csv", tuning, meta)
+    common.write_csv(out_dir / "decode_self_spec.csv", spec, meta)
     plot(tuning, rows, out_dir / "decode.png", meta)
     common.print_table(tuning, ["model", "draft_len", "step_ms", "expected_tokens_per_forward", "tokens_per_s",
                                 "speedup_vs_ar", "step_ms_ratio_vs_ar", "limit_ms", "of_limit"])
     print()
     common.print_table(rows, ["model", "method", "draft_len", "step_ms", "loop_ms", "tokens_per_forward",
                               "tokens_per_s", "speedup_vs_ar", "loop_ms_ratio_vs_ar", "limit_ms", "of_limit"])
-    print(f"wrote {path}, {out_dir / 'decode_tuning.csv'}, {out_dir / 'decode.png'}")
+    print()
+    common.print_table(spec, ["model", "batch", "method", "block_len", "spec_lora", "forwards", "tokens_per_forward",
+                              "tokens_per_s"])
+    print(f"wrote {path}, {out_dir / 'decode_tuning.csv'}, {out_dir / 'decode_self_spec.csv'}, "
+          f"{out_dir / 'decode.png'}")
     print(f"reproduce: {meta['command']}")
     return path
 

@@ -50,7 +50,7 @@ def lines():
         for head_dim in (64, 128):
             for q_heads, kv_heads in [(12, 2), (32, 8), (8, 8)]:
                 for batch in (1, 2, 8):
-                    for k in (1, 2, 4, 8, 16):
+                    for k in (1, 2, 4, 8, 16, 32):
                         for max_len in (300, 4096, 32768):
                             steps = k + k * k
                             _, splits, _ = cuda_decode_plan(batch, steps, k, q_heads, kv_heads, head_dim, max_len,

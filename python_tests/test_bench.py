@@ -32,7 +32,7 @@ def restore_threads():
 @pytest.mark.parametrize("script, extra, outputs", [
     (attention, ["--refcheck"], ["attention.csv", "attention.png"]),
     (token_slots, [], ["token_slots.csv", "token_slots_summary.csv", "token_slots.png"]),
-    (decode, [], ["decode.csv", "decode_tuning.csv", "decode.png"]),
+    (decode, [], ["decode.csv", "decode_tuning.csv", "decode_self_spec.csv", "decode.png"]),
 ], ids=["attention", "token_slots", "decode"])
 def test_smoke_run_writes_labelled_results(script, extra, outputs, tmp_path, restore_threads):
     csv_path = script.main(["--smoke", "--out", str(tmp_path)] + extra)

@@ -4,7 +4,7 @@ The same kernel sources as the ``cuda`` backend, behind the same binding checks,
 by the emulator (an OS thread per CUDA thread, late-landing cp.async, ldmatrix/mma.sync with
 the PTX fragment layouts). The cases of the GPU files (test_cuda_decode_attention.py,
 test_accept_drafts.py) scaled to the CPU: head dim 64 and 128, fp16 and bf16, GQA groups
-1, 2, 3, 4, 6, 8, draft lengths 1, 2, 3, 4, 8, 16, caches from 0 to a few hundred rows with NaN
+1, 2, 3, 4, 6, 8, draft lengths 1, 2, 3, 4, 8, 16, 32, caches from 0 to a few hundred rows with NaN
 in every unused row, split counts forced to 1, 3, 7 (TIDAR_FORCE_DECODE_SPLITS) or planned,
 seven splits whose weights and values span orders of magnitude (the partials are stored in
 the kernel's dtype), caches filled to max_len, rows written and untouched; the accept kernel's ties, NaN, beta
@@ -96,6 +96,8 @@ CASES = [
     pytest.param(16, (1, 1), [48], 64, BF16, 64, 7, id="k16-g1-full-bf16-d64-s7"),
     pytest.param(2, (8, 1), [300, 130], 310, FP16, 128, 3, id="k2-g8-fp16-d128-s3"),
     pytest.param(3, (4, 1), [37, 0], 40, BF16, 128, 1, id="k3-g4-full-and-empty-bf16-d128-s1"),
+    # k = 32 (quadratic self-speculation's longest block): 1,056 rows, 17 local key tiles.
+    pytest.param(32, (2, 1), [40], 72, FP16, 64, None, id="k32-g2-fp16-d64-planned"),
 ]
 
 

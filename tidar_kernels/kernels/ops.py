@@ -120,6 +120,27 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                    softmax_scale, backend, block_table)
 
 
+def block_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, cache_seqlens: torch.Tensor, softmax_scale: Optional[float] = None,
+                    backend: Optional[str] = None, *, check_lengths: bool = True,
+                    block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bidirectional attention of a block of ``T`` new rows over cache ``[0, n_b)``; writes nothing.
+
+    Every row sees the whole committed cache and all ``T`` rows of the block (linear
+    self-speculation's draft block ``[seed, [M] x (T-1)]``). It is the prefill layout
+    with an empty prompt: one mask block of ``T`` rows whose context is the cache alone,
+    and a prefill writes only its prompt rows, here none. So neither the committed rows
+    nor the scratch rows past ``n_b`` are touched, and no backend needs a no-write flag.
+    ``check_lengths`` only checks ``n_b <= capacity``. ``block_table``: paged caches.
+    """
+    capacity = check_cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, block_table)
+    if check_lengths:
+        check_room(cache_seqlens, 0, capacity, block_table, k_cache)
+    no_prompt = torch.zeros_like(cache_seqlens)
+    return _cached(q, k_new, v_new, k_cache, v_cache, cache_seqlens, no_prompt, Layout.PREFILL, q.shape[1],
+                   softmax_scale, backend, block_table)
+
+
 def append_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_seqlens: torch.Tensor, softmax_scale: Optional[float] = None,
                      backend: Optional[str] = None, *, check_lengths: bool = True,

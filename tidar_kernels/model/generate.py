@@ -1,4 +1,4 @@
-"""The TiDAR decode loop (docs/semantics.md, prefill to sampling) and its autoregressive baseline.
+"""The TiDAR decode loop (docs/semantics.md, prefill to sampling), linear self-speculation and the AR baseline.
 
 :func:`tidar_generate` runs one prefill, then steps. Each step feeds the ``k``
 drafts of the last step and ``k`` mask blocks (``k + k*k`` rows), verifies the
@@ -6,7 +6,9 @@ drafts causally, commits the accepted prefix by advancing the cache lengths on
 the device, and takes the next drafts from the mask block that matches the
 outcome. :func:`ar_generate` is plain causal decoding with the same model, cache
 and stopping rules; with ``beta = 1`` and greedy decoding both return the same
-tokens (the exactness the tests check).
+tokens (the exactness the tests check). :func:`linear_spec_generate` is the
+two-forward self-speculation of diffusion checkpoints: a read-only bidirectional
+draft block, then a causal verify (greedy, equal to AR as well).
 
 Bookkeeping shared by both loops. A sequence *emits* the tokens the verifier
 has fixed: the prefill emits ``d_0`` (AR: the first token), and a step that
@@ -40,6 +42,8 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Unio
 import torch
 
 from ..kernels import ops
+from . import checkpoints
+from .adapters import adapters_of, attach_lora
 from .kv_cache import KVCache, PagedKVCache
 from ..kernels.mask import Layout, local_position_ids
 from ..kernels.validation import check_positive
@@ -78,7 +82,8 @@ class GenerationResult:
     ``pad_token_id`` after its end; ``lengths [B]`` counts them (a stop token
     included). ``forwards`` counts model forward passes (prefill included);
     ``tokens_per_forward`` is the mean number of tokens a decode step emitted per
-    active sequence (TiDAR's mean ``acc``, T/NFE; 1 for AR);
+    active sequence divided by the forwards a step runs (TiDAR's mean ``acc``, T/NFE; 1 for
+    AR; linear self-speculation runs two);
     ``acceptance_histogram[i]`` counts (sequence, step) pairs that emitted ``i``.
     """
 
@@ -198,8 +203,11 @@ class _Loop:
 
     ``width`` is the most tokens a step can emit (``k``; AR: 1). The output buffer
     has ``max_new_tokens + 2 * width`` columns so that a step's writes, which start
-    at ``emitted < max_new_tokens + width``, never need clipping.
+    at ``emitted < max_new_tokens + width``, never need clipping. ``forwards_per_step``:
+    model forwards a step runs (for the statistics).
     """
+
+    forwards_per_step = 1
 
     def __init__(self, model: DecoderModel, setup: "_Setup", width: int):
         self.model, self.sampling, self.width = model, setup.sampling, width
@@ -275,7 +283,7 @@ class _Loop:
                 steps += 1
             if stream is not None:
                 self._stream(stream, streamed)
-        return 1 + steps
+        return 1 + steps * self.forwards_per_step
 
     def _manage_pages(self, steps: int) -> None:
         """Paged cache, at a stop check: pages for the next ``steps`` steps, finished sequences' back.
@@ -319,17 +327,22 @@ class _Loop:
         histogram = self.histogram.cpu()
         steps = int(histogram.sum())
         mean_acc = float((histogram * torch.arange(histogram.numel())).sum()) / steps if steps else 0.0
-        return GenerationResult(tokens, lengths, forwards, mean_acc, histogram.tolist(),
+        return GenerationResult(tokens, lengths, forwards, mean_acc / self.forwards_per_step, histogram.tolist(),
                                 time.perf_counter() - wall_start)
 
 
 class _TidarLoop(_Loop):
-    """TiDAR decoding: drafts, their distributions, and the ``k`` mask blocks of a step."""
+    """TiDAR decoding: drafts, their distributions, and the ``k`` mask blocks of a step.
 
-    def __init__(self, model: DecoderModel, setup: "_Setup", draft_len: int, beta: float):
+    ``mask_rows_adapter``: attached adapters run on the mask rows of the prefill and of
+    every step (the clean rows never see them: the verification is the base model's).
+    """
+
+    def __init__(self, model: DecoderModel, setup: "_Setup", draft_len: int, beta: float,
+                 mask_rows_adapter: bool = False):
         super().__init__(model, setup, width=draft_len)
         k, batch, device = draft_len, self.prompt_ids.shape[0], self.prompt_ids.device
-        self.k, self.beta = k, beta
+        self.k, self.beta, self.mask_rows_adapter = k, beta, mask_rows_adapter
         self.drafts = torch.zeros(batch, k, dtype=torch.long, device=device)
         # q_1..q_{k-1} of the drafts d_1..d_{k-1}; slot k-1 stays zero (see speculative_accept).
         self.draft_probs = None if self.sampling.greedy else torch.zeros(
@@ -355,7 +368,8 @@ class _TidarLoop(_Loop):
         k, (batch, padded) = self.k, self.prompt_ids.shape
         ids = torch.cat([self.prompt_ids, self.mask_blocks[:, :k]], dim=1)
         positions = local_position_ids(Layout.PREFILL, padded + k, padded, k, context_len=self.prompt_lens)
-        context = AttentionContext(Layout.PREFILL, k, self.cache, self.prompt_lens)
+        context = AttentionContext(Layout.PREFILL, k, self.cache, self.prompt_lens,
+                                   adapter_from=padded if self.mask_rows_adapter else None)
         hidden = self.model(ids, positions, context)
         last = hidden[torch.arange(batch, device=ids.device), self.prompt_lens.long() - 1]
         a_last, b = self.logits(last), self.logits(hidden[:, padded:])
@@ -370,7 +384,8 @@ class _TidarLoop(_Loop):
         active = ~self.done
         ids = torch.cat([self.drafts, self.mask_blocks], dim=1)
         positions = local_position_ids(Layout.DECODE, k + k * k, k, k, start=self.cache.seqlens)
-        hidden = model(ids, positions, AttentionContext(Layout.DECODE, k, self.cache))
+        hidden = model(ids, positions, AttentionContext(Layout.DECODE, k, self.cache,
+                                                        adapter_from=k if self.mask_rows_adapter else None))
         a = self.logits(hidden[:, :k])  # a_i at draft d_i
         b_first = self.logits(hidden[:, k::k])  # b_{j,0}: first slot of block j = 1..k (row j*k)
         if self.sampling.greedy:
@@ -391,10 +406,10 @@ class _TidarLoop(_Loop):
 
 
 class _ArLoop(_Loop):
-    """Plain autoregressive decoding: one token per step."""
+    """Plain autoregressive decoding: one token per step (``width``: see :class:`_LinearLoop`)."""
 
-    def __init__(self, model: DecoderModel, setup: "_Setup"):
-        super().__init__(model, setup, width=1)
+    def __init__(self, model: DecoderModel, setup: "_Setup", width: int = 1):
+        super().__init__(model, setup, width=width)
         self.token = torch.zeros(self.prompt_ids.shape[0], 1, dtype=torch.long, device=self.prompt_ids.device)
 
     def prefill(self) -> None:
@@ -417,6 +432,48 @@ class _ArLoop(_Loop):
         self.emit(self.token, active.long(), active)
 
 
+class _LinearLoop(_ArLoop):
+    """Linear self-speculation with blocks of ``b`` tokens: the AR prefill, then two forwards a step.
+
+    ``token`` is the seed: the token after the committed prefix, fixed by the last
+    verification but not yet in the cache (at position ``n``). Draft: the block
+    ``[seed, [M] x (b-1)]`` at positions ``n..n+b-1``, bidirectional over the committed
+    cache (:func:`tidar_kernels.kernels.ops.block_attention`: it writes no cache row, so
+    nothing of the committed prefix can be disturbed and no scratch row is needed),
+    attached adapters on every row when ``draft_adapter``; ``d_1..d_{b-1}`` are the mask
+    rows' argmaxes. Verify: ``[seed, d_1..d_{b-1}]`` causal over the cache, adapters off,
+    writing their K/V at ``[n, n+b)``; :func:`tidar_kernels.kernels.ops.accept_drafts`
+    (``beta = 1``) keeps the longest prefix with ``argmax a_i == d_{i+1}`` plus the
+    correction or bonus and commits it on the device. The verification is AR's argmax at
+    every emitted position: output equals greedy AR.
+    """
+
+    def __init__(self, model: DecoderModel, setup: "_Setup", block_len: int, draft_adapter: bool):
+        super().__init__(model, setup, width=block_len)
+        self.forwards_per_step = 2 if block_len > 1 else 1  # b = 1: no draft, plain AR
+        self.adapter_from = 0 if draft_adapter else None
+        batch, device = self.prompt_ids.shape[0], self.prompt_ids.device
+        self.masks = torch.full((batch, block_len - 1), self.mask_token_id, dtype=torch.long, device=device)
+        self.offsets = torch.arange(block_len, device=device)
+
+    def step(self) -> None:
+        """Draft, verify, commit and emit ``1..b`` tokens per active sequence (no host sync)."""
+        b, active = self.width, ~self.done
+        positions = self.cache.seqlens.long()[:, None] + self.offsets
+        drafts = self.token
+        if b > 1:
+            ids = torch.cat([self.token, self.masks], dim=1)
+            context = AttentionContext(Layout.PREFILL, b, self.cache, read_only=True, adapter_from=self.adapter_from)
+            hidden = self.model(ids, positions, context)
+            drafts = torch.cat([self.token, self.logits(hidden[:, 1:]).argmax(-1)], dim=1)
+        hidden = self.model(drafts, positions, AttentionContext(Layout.CAUSAL, cache=self.cache))
+        a = self.logits(hidden)  # a_i predicts position n + i + 1
+        accepted, targets = ops.accept_drafts(drafts, a, a, self.cache.seqlens, 1.0, active)
+        last = (accepted.long().clamp(min=1) - 1)[:, None]  # finished sequences: any column will do
+        self.token.copy_(targets.gather(1, last))
+        self.emit(targets, accepted.long(), active)
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
@@ -429,8 +486,11 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
                    generator: Optional[torch.Generator] = None, pad_token_id: Optional[int] = None,
                    max_len: Optional[int] = None, sync_every: int = 8, cuda_graph: bool = True,
                    stream: Optional[Callable[[list[int]], None]] = None, page_size: Optional[int] = None,
-                   num_pages: Optional[int] = None) -> GenerationResult:
+                   num_pages: Optional[int] = None, spec_lora: Optional[str] = None) -> GenerationResult:
     """TiDAR decoding (docs/semantics.md) of a batch of prompts.
+
+    Also quadratic self-speculation of diffusion checkpoints: ``draft_len`` = their block
+    length, ``beta`` their AR mix weight (none: 1).
 
     ``input_ids [B, P]`` int64 prompts, right-padded with ``prompt_lens`` (int ``[B]``,
     default all ``P``) or padded either side with ``attention_mask`` (1 = real
@@ -445,17 +505,19 @@ def tidar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens:
     tokens at each stop check. ``page_size``: run on a paged KV cache with pages of
     that many rows, from a pool of ``num_pages`` (default: enough for every sequence
     at ``max_len``; a smaller pool that runs short raises RuntimeError at a stop check).
+    ``spec_lora="mask_rows"``: the adapters attached to the model
+    (:func:`tidar_kernels.model.adapters.attach_lora`) run on the mask rows of the prefill
+    and of every step only (None: off); the drafts change, the verification does not.
     """
     start = time.perf_counter()
     check_positive("draft_len", draft_len)
-    if model.config.mask_token_id is None:
-        raise ValueError("model.config.mask_token_id must be set for TiDAR decoding (it drafts with [M]), got "
-                         "None; load the checkpoint with tidar_kernels.model.checkpoints, which adds one")
+    _check_mask_token(model)
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    _check_spec_lora(model, spec_lora, "mask_rows")
     setup = _prepare(model, input_ids, max_new_tokens, draft_len, temperature, top_k, top_p, eos_token_id,
                      prompt_lens, attention_mask, generator, max_len, sync_every, page_size, num_pages)
-    loop = _TidarLoop(model, setup, draft_len, float(beta))
+    loop = _TidarLoop(model, setup, draft_len, float(beta), mask_rows_adapter=spec_lora is not None)
     return _finish(loop, setup, start, pad_token_id, cuda_graph, stream)
 
 
@@ -474,6 +536,57 @@ def ar_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens: in
     setup = _prepare(model, input_ids, max_new_tokens, 0, temperature, top_k, top_p, eos_token_id, prompt_lens,
                      attention_mask, generator, max_len, sync_every, page_size, num_pages)
     return _finish(_ArLoop(model, setup), setup, start, pad_token_id, cuda_graph, stream)
+
+
+MAX_BLOCK_LEN = 32  # linear self-speculation: the longest block the draft checkpoints use
+
+
+def linear_spec_generate(model: DecoderModel, input_ids: torch.Tensor, max_new_tokens: int, block_len: int,
+                         temperature: float = 0.0, eos_token_id: StopTokens = None,
+                         prompt_lens: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                         pad_token_id: Optional[int] = None, max_len: Optional[int] = None, sync_every: int = 8,
+                         cuda_graph: bool = True, stream: Optional[Callable[[list[int]], None]] = None,
+                         page_size: Optional[int] = None, num_pages: Optional[int] = None,
+                         spec_lora: Optional[str] = None) -> GenerationResult:
+    """Linear self-speculation: per step a read-only draft block of ``block_len`` tokens, then a causal verify.
+
+    See :class:`_LinearLoop` for the step. Greedy only (``temperature`` must be 0): its
+    output is greedy AR's. ``spec_lora="draft"``: the attached adapters
+    (:func:`tidar_kernels.model.adapters.attach_lora`) run in the draft forward, never in
+    the prefill or the verification (None: the base model drafts). Other arguments as
+    :func:`tidar_generate` (``block_len`` in the place of ``draft_len``); ``tokens_per_forward``
+    counts both forwards of a step.
+    """
+    start = time.perf_counter()
+    check_positive("block_len", block_len)
+    if block_len > MAX_BLOCK_LEN:
+        raise ValueError(f"block_len must be <= {MAX_BLOCK_LEN}, got {block_len}")
+    if temperature != 0.0:
+        raise ValueError(f"temperature must be 0: linear_spec_generate is greedy only (no speculative sampling "
+                         f"against the draft law), got {temperature}")
+    _check_mask_token(model)
+    _check_spec_lora(model, spec_lora, "draft")
+    setup = _prepare(model, input_ids, max_new_tokens, block_len, 0.0, None, None, eos_token_id, prompt_lens,
+                     attention_mask, None, max_len, sync_every, page_size, num_pages)
+    loop = _LinearLoop(model, setup, block_len, draft_adapter=spec_lora is not None)
+    return _finish(loop, setup, start, pad_token_id, cuda_graph, stream)
+
+
+def _check_mask_token(model: DecoderModel) -> None:
+    if model.config.mask_token_id is None:
+        raise ValueError("model.config.mask_token_id must be set for TiDAR decoding (it drafts with [M]), got "
+                         "None; load the checkpoint with tidar_kernels.model.checkpoints, which adds one")
+
+
+def _check_spec_lora(model: DecoderModel, spec_lora: Optional[str], where: str) -> None:
+    """``spec_lora`` is None or ``where``, and then the model has adapters attached."""
+    if spec_lora is None:
+        return
+    if spec_lora != where:
+        raise ValueError(f"spec_lora must be None or {where!r}, got {spec_lora!r}")
+    if not isinstance(model, torch.nn.Module) or not adapters_of(model):
+        raise ValueError(f"spec_lora={where!r} needs adapters attached to the model "
+                         f"(tidar_kernels.model.adapters.attach_lora), found none")
 
 
 class _Setup(NamedTuple):
@@ -586,6 +699,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic",
+                        help="quadratic: TiDAR's one-forward step (tidar_generate); linear: draft block then "
+                             "causal verify (linear_spec_generate, greedy)")
+    parser.add_argument("--block-len", type=int, default=None,
+                        help="the block length B (quadratic: the draft length k); default --draft-len")
+    parser.add_argument("--spec-lora", default=None, metavar="DIR",
+                        help="a linear_spec_lora/ directory: its adapter runs on the mask rows (quadratic) "
+                             "or in the draft forward (linear)")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -597,10 +718,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
+    block_len = args.draft_len if args.block_len is None else args.block_len
+    if not 1 <= block_len <= MAX_BLOCK_LEN:
+        parser.error(f"--block-len must lie in [1, {MAX_BLOCK_LEN}], got {block_len}")
+    if args.mode == "linear" and args.temperature != 0.0:
+        parser.error(f"--temperature must be 0 with --mode linear (greedy only), got {args.temperature}")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device, dtype, require_mask_token=False)
+    if args.spec_lora is not None:
+        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora))
     if args.chat:
         chat = load_chat_tokenizer(args.model)
         ids = chat.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -610,8 +738,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   eos_token_id=tokenizer.eos_id, sync_every=1)
-    runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, args.draft_len,
-                                                    beta=args.beta, **common, **kw))]
+    if args.mode == "linear":
+        spec_lora = "draft" if args.spec_lora is not None else None
+        runs = [("linear", lambda **kw: linear_spec_generate(
+            model, input_ids, args.max_new_tokens, block_len, eos_token_id=tokenizer.eos_id, sync_every=1,
+            spec_lora=spec_lora, **kw))]
+    else:
+        spec_lora = "mask_rows" if args.spec_lora is not None else None
+        runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, block_len,
+                                                        beta=args.beta, spec_lora=spec_lora, **common, **kw))]
     if args.ar:
         runs.append(("AR", lambda **kw: ar_generate(model, input_ids, args.max_new_tokens, **common, **kw)))
     for name, run in runs:

@@ -33,6 +33,7 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.mask import Layout, check_training_shape, training_position_ids
 from ..kernels.validation import check_positive
+from .adapters import apply_adapter
 from .kv_cache import KVCache
 
 
@@ -136,14 +137,30 @@ class AttentionContext:
     prompt lengths of a right-padded prefill. Cached calls pass
     ``check_lengths=False``: the decode loop sizes its cache once up front, so a
     step never synchronises with the host.
+
+    ``read_only`` (PREFILL only, without ``prompt_lens``): the forward is one bidirectional
+    block of ``block_size`` rows over the committed cache that writes none of it
+    (:func:`tidar_kernels.kernels.ops.block_attention`: linear self-speculation's draft).
+    ``adapter_from``: the first row on which attached adapters
+    (:mod:`tidar_kernels.model.adapters`) apply, 0 for the whole forward; None: off.
     """
 
     layout: Layout
     block_size: int = 1
     cache: Optional["KVCache"] = None
     prompt_lens: Optional[torch.Tensor] = None
+    read_only: bool = False
+    adapter_from: Optional[int] = None
 
     def __post_init__(self):
+        if self.adapter_from is not None and (isinstance(self.adapter_from, bool) or not isinstance(
+                self.adapter_from, int) or self.adapter_from < 0):
+            raise ValueError(f"adapter_from must be an integer >= 0 or None, got {self.adapter_from!r}")
+        if self.read_only:
+            if self.layout != Layout.PREFILL or self.cache is None or self.prompt_lens is not None:
+                raise ValueError("read_only must come with layout PREFILL, a cache and no prompt_lens (one "
+                                 f"block over the cache), got layout {self.layout.name}")
+            return
         needs_cache = self.layout in (Layout.PREFILL, Layout.DECODE)
         if needs_cache and self.cache is None:
             raise ValueError(f"cache must be a KVCache for layout {self.layout.name}, got None")
@@ -164,6 +181,8 @@ class AttentionContext:
         if self.layout == Layout.DECODE:
             return ops.decode_attention(q, k, v, k_cache, v_cache, seqlens, self.block_size, check_lengths=False,
                                         block_table=table)
+        if self.read_only:
+            return ops.block_attention(q, k, v, k_cache, v_cache, seqlens, check_lengths=False, block_table=table)
         if self.layout == Layout.PREFILL:
             return ops.prefill_attention(q, k, v, k_cache, v_cache, seqlens, self.prompt_lens, self.block_size,
                                          check_lengths=False, block_table=table)
@@ -220,14 +239,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         c = self.config
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, c.n_heads, c.head_dim)
-        k = self.wk(x).view(batch, seq, c.n_kv_heads, c.head_dim)
-        v = self.wv(x).view(batch, seq, c.n_kv_heads, c.head_dim)
+        on = context.adapter_from
+        q = apply_adapter(self.wq, x, on).view(batch, seq, c.n_heads, c.head_dim)
+        k = apply_adapter(self.wk, x, on).view(batch, seq, c.n_kv_heads, c.head_dim)
+        v = apply_adapter(self.wv, x, on).view(batch, seq, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:  # Qwen3: RMSNorm per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, position_ids, c.rope_theta), rotary(k, position_ids, c.rope_theta)
         out = context.attend(self.layer, q, k, v)  # GQA is the op's business
-        return self.wo(out.reshape(batch, seq, c.n_heads * c.head_dim))
+        return apply_adapter(self.wo, out.reshape(batch, seq, c.n_heads * c.head_dim), on)
 
 
 class FeedForward(nn.Module):
@@ -239,8 +259,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, context: AttentionContext = CAUSAL) -> torch.Tensor:
+        on = context.adapter_from
+        return apply_adapter(self.w2, F.silu(apply_adapter(self.w1, x, on)) * apply_adapter(self.w3, x, on), on)
 
 
 class TransformerBlock(nn.Module):
@@ -255,7 +276,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), position_ids, context)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x), context)
 
 
 class Transformer(nn.Module):

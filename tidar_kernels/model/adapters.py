@@ -1,0 +1,140 @@
+"""LoRA adapters on a :class:`~tidar_kernels.model.transformer.Transformer`'s projections, gated by rows.
+
+One adapter per (layer, projection): ``y = W x + scale * B (A x)`` with ``A [r, in]``,
+``B [out, r]`` (PEFT's convention), on any of q/k/v/o and the MLP's gate/up/down
+projections, named as in Hugging Face checkpoints (:data:`HF_TO_MODULE`).
+
+An attached adapter runs only where a forward switches it on: its
+:class:`~tidar_kernels.model.transformer.AttentionContext`'s ``adapter_from`` is the first row
+it applies to (0: the whole forward, e.g. linear self-speculation's draft block; the
+mask rows' start: a TiDAR layout's mask rows, which in every layout are a contiguous
+suffix). The update is computed on that row slice only, never as a gate multiplied
+over all rows, so a forward with the adapter off (``adapter_from`` None, or no row at
+or past it) is bitwise the base model's.
+
+A and B are ``nn.Parameter``s of a small module registered on the projection (as its
+``adapter`` child): :func:`lora_parameters` hands them to an optimizer, with the base
+frozen by :func:`freeze_base`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Hugging Face projection names -> our modules (attention: wq/wk/wv/wo, MLP: w1 gate, w3 up, w2 down).
+HF_TO_MODULE = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+                "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
+
+
+class LoraSpec(Protocol):
+    """What :func:`attach_lora` reads (e.g. ``checkpoints.LoraWeights``).
+
+    ``targets``: Hugging Face projection name -> {layer -> (A [rank, in], B [out, rank])};
+    ``scale`` multiplies the update (PEFT: ``alpha / rank``).
+    """
+
+    targets: Mapping[str, Mapping[int, tuple[torch.Tensor, torch.Tensor]]]
+    rank: int
+    alpha: float
+    scale: float
+
+
+class LoraAdapter(nn.Module):
+    """``scale * B (A x)`` added to a projection's output on a suffix of rows."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        self.a = nn.Parameter(a)
+        self.b = nn.Parameter(b)
+        self.scale = float(scale)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``y [B, T, out]`` (the base projection of ``x [B, T, in]``) with the update on rows ``[start, T)``.
+
+        In place on that slice: rows before ``start`` are never touched.
+        """
+        if start < x.shape[1]:
+            y[:, start:] += F.linear(F.linear(x[:, start:], self.a) * self.scale, self.b)
+        return y
+
+
+def projection(model: nn.Module, layer: int, module: str) -> nn.Linear:
+    """The ``nn.Linear`` called ``module`` (one of :data:`HF_TO_MODULE`'s values) of ``layer``."""
+    block = model.layers[layer]
+    return getattr(block.attention if module in ATTENTION_MODULES else block.feed_forward, module)
+
+
+def attach_lora(model: nn.Module, weights: LoraSpec) -> list[LoraAdapter]:
+    """Attach ``weights`` to ``model``'s projections (replacing adapters already there); returns them.
+
+    Every target, layer and shape is checked before anything is attached. The adapters
+    take each projection's dtype and device and are off until a forward's context
+    switches them on.
+    """
+    rank = weights.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"weights.rank must be an integer >= 1, got {rank!r}")
+    if not math.isfinite(float(weights.scale)):
+        raise ValueError(f"weights.scale must be finite, got {weights.scale!r}")
+    if not weights.targets:
+        raise ValueError("weights.targets must name at least one projection, got none")
+    n_layers = len(model.layers)
+    planned = []
+    for name, layers in weights.targets.items():
+        if name not in HF_TO_MODULE:
+            raise ValueError(f"weights.targets: module {name!r} does not exist; expected one of {sorted(HF_TO_MODULE)}")
+        for layer, (a, b) in layers.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+                raise ValueError(f"weights.targets[{name!r}]: layer must be an integer in [0, {n_layers}), "
+                                 f"got {layer!r}")
+            linear = projection(model, layer, HF_TO_MODULE[name])
+            expected_a, expected_b = (rank, linear.in_features), (linear.out_features, rank)
+            if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+                raise ValueError(f"weights.targets[{name!r}][{layer}]: A must be {list(expected_a)} and B "
+                                 f"{list(expected_b)} (rank {rank}), got {list(a.shape)} and {list(b.shape)}")
+            planned.append((linear, a, b))
+    adapters = []
+    for linear, a, b in planned:
+        like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+        adapter = LoraAdapter(a.detach().to(**like).clone(), b.detach().to(**like).clone(), weights.scale)
+        linear.adapter = adapter
+        adapters.append(adapter)
+    return adapters
+
+
+def detach_lora(model: nn.Module) -> None:
+    """Remove every adapter from ``model``."""
+    for module in model.modules():
+        if "adapter" in module._modules:
+            del module._modules["adapter"]
+
+
+def adapters_of(model: nn.Module) -> list[LoraAdapter]:
+    """The adapters attached to ``model`` (empty: none)."""
+    return [m for m in model.modules() if isinstance(m, LoraAdapter)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's A and B (what a LoRA trainer optimises)."""
+    return [p for adapter in adapters_of(model) for p in adapter.parameters()]
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only the adapters train: every other parameter gets ``requires_grad = False``."""
+    trainable = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def apply_adapter(linear: nn.Linear, x: torch.Tensor, adapter_from: Optional[int]) -> torch.Tensor:
+    """``linear(x)`` plus its attached adapter on rows ``[adapter_from, T)`` (None: off, bitwise ``linear(x)``)."""
+    y = linear(x)
+    adapter = linear._modules.get("adapter")
+    if adapter is None or adapter_from is None:
+        return y
+    return adapter(y, x, adapter_from)
