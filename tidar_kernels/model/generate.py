@@ -44,6 +44,7 @@ from .kv_cache import KVCache, PagedKVCache
 from ..kernels.mask import Layout, local_position_ids
 from .loading import load_chat_tokenizer, load_model
 from .transformer import AttentionContext
+from .tuning import default_draft_length
 
 StopTokens = Union[int, Sequence[int], None]
 
@@ -590,7 +591,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--model", required=True, help="'smollm2' or a checkpoint directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--draft-len", type=int, default=None,
+                        help="draft length k; default: tuned on CUDA up to the checkpoint's trained block, "
+                             "else 4 (see tuning.default_draft_length)")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -614,8 +617,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ids = tokenizer.encode(args.prompt)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  eos_token_id=tokenizer.eos_id, sync_every=1)
-    runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, args.draft_len,
+                  eos_token_id=tokenizer.stop_ids, sync_every=1)
+    draft_len = args.draft_len or default_draft_length(model)
+    runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, draft_len,
                                                     beta=args.beta, **common, **kw))]
     if args.ar:
         runs.append(("AR", lambda **kw: ar_generate(model, input_ids, args.max_new_tokens, **common, **kw)))

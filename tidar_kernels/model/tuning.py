@@ -240,3 +240,21 @@ def tune_draft_length(model: Transformer, batch_size: int, cache_len: int, accep
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+CPU_DRAFT_LENGTH = 4
+"""Draft length :func:`default_draft_length` gives without a GPU to time on (CPU timing ranks nothing)."""
+
+
+def default_draft_length(model: Transformer, batch_size: int = 1, cache_len: int = 512,
+                         acceptance: Acceptance = 0.8, measure: Optional[Callable[[int], float]] = None) -> int:
+    """The draft length to decode ``model`` with when none is given (the generation CLI's default).
+
+    Candidates are ``1..trained_block_size`` (the block the checkpoint was trained
+    to fill; 16 when unknown). On CUDA, or with ``measure``, :func:`tune_draft_length`
+    picks among them; on the CPU it is ``min(CPU_DRAFT_LENGTH, trained_block_size)``.
+    """
+    limit = getattr(model.config, "trained_block_size", None) or 16
+    if measure is None and model.device.type != "cuda":
+        return min(CPU_DRAFT_LENGTH, limit)
+    return tune_draft_length(model, batch_size, cache_len, acceptance, range(1, limit + 1), measure).draft_len
