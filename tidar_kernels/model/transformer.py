@@ -1,4 +1,4 @@
-"""A thin decoder-only transformer (Llama / Qwen2 / Qwen3) whose attention is the tidar ops.
+"""A thin decoder-only transformer (Llama / Qwen2 / Qwen3 / Ministral-3) whose attention is the tidar ops.
 
 One forward path serves every TiDAR mode. The caller gives token ids, explicit
 position ids and an :class:`AttentionContext` that says which tidar op each layer
@@ -23,8 +23,9 @@ logits (a decode step of ``k + k*k`` rows needs ``3k - 1`` of them).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,71 @@ from .kv_cache import KVCache
 
 
 
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN's RoPE frequencies (Ministral-3 and its diffusion checkpoints), from a config's ``rope_parameters``.
+
+    Each frequency pair ``i`` blends the plain frequency ``theta**(-2i/D)``
+    (extrapolation, kept for fast-rotating pairs) with it divided by ``factor``
+    (interpolation, for pairs that turn less than once over the training context):
+    a linear ramp between the pair dimensions at which the plain frequency makes
+    ``beta_fast`` and ``beta_slow`` turns over ``original_max_position_embeddings``
+    (rounded outwards when ``truncate``). cos and sin are multiplied by
+    :attr:`attention_scaling`: ``attention_factor`` when given, else
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are non-zero,
+    else ``mscale(factor, 1)``, with ``mscale(s, m) = 0.1 m ln s + 1`` (1 for ``s <= 1``).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        for name in ("factor", "beta_fast", "beta_slow"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) > 0:
+                raise ValueError(f"yarn {name} must be > 0, got {getattr(self, name)!r}")
+        original = self.original_max_position_embeddings
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ValueError(f"yarn original_max_position_embeddings must be an integer >= 1, got {original!r}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"yarn attention_factor must be > 0 or None, got {self.attention_factor!r}")
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor cos and sin are multiplied by (class docstring)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return float(mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim))
+        return mscale(self.factor)
+
+    def inv_freq(self, wavelengths: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+        """The blended frequencies ``[D/2]`` (fp32) from ``wavelengths = theta**(2i/D)`` (radians per turn)."""
+
+        def pair_dim(turns: float) -> float:  # the (fractional) pair dimension turning `turns` times
+            return head_dim * math.log(self.original_max_position_embeddings / (turns * 2 * math.pi)) / (
+                2 * math.log(theta))
+
+        low, high = pair_dim(self.beta_fast), pair_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # a step instead of a ramp
+        pairs = torch.arange(head_dim // 2, dtype=torch.float32, device=wavelengths.device)
+        keep = 1 - ((pairs - low) / (high - low)).clamp(0, 1)  # weight of the plain (extrapolated) frequency
+        return 1.0 / (self.factor * wavelengths) * (1 - keep) + 1.0 / wavelengths * keep
+
+
 @dataclass
 class TransformerConfig:
     """Shape and flavour of the transformer.
@@ -48,6 +114,12 @@ class TransformerConfig:
     ``qk_norm`` Qwen3's per-head RMSNorm of q and k before RoPE. ``max_seq_len`` is
     the context the checkpoint was trained for (metadata: RoPE takes any position
     and the decode loop sizes its cache per call).
+
+    Ministral-3: ``yarn`` (a :class:`YarnRope`, or its fields as a dict) replaces
+    plain RoPE frequencies, and ``query_scale_beta`` > 0 multiplies each query, after
+    RoPE, by Llama 4's ``1 + beta * ln(1 + floor(pos / query_scale_length))`` at
+    its own position. ``trained_block_size`` is the diffusion block a checkpoint was
+    trained with (the largest draft length worth trying), None when unknown.
     """
 
     vocab_size: int
@@ -64,8 +136,14 @@ class TransformerConfig:
     tie_embeddings: bool = False
     mask_token_id: Optional[int] = None
     max_seq_len: int = 4096
+    yarn: Optional[YarnRope] = None
+    query_scale_beta: float = 0.0
+    query_scale_length: Optional[int] = None
+    trained_block_size: Optional[int] = None
 
     def __post_init__(self):
+        if isinstance(self.yarn, dict):  # from to_dict / JSON
+            self.yarn = YarnRope(**self.yarn)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                      "max_seq_len"):
             check_positive(name, getattr(self, name))
@@ -79,6 +157,17 @@ class TransformerConfig:
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must lie in [0, vocab_size={self.vocab_size}) or be None, "
                              f"got {self.mask_token_id}")
+        if self.yarn is not None and not isinstance(self.yarn, YarnRope):
+            raise ValueError(f"yarn must be a YarnRope, its fields as a dict, or None, got {type(self.yarn).__name__}")
+        if not self.query_scale_beta >= 0:
+            raise ValueError(f"query_scale_beta must be >= 0, got {self.query_scale_beta!r}")
+        for name in ("query_scale_length", "trained_block_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.query_scale_beta and self.query_scale_length is None:
+            raise ValueError(f"query_scale_length must be set when query_scale_beta is {self.query_scale_beta} "
+                             "(the position period of the query scale), got None")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "TransformerConfig":
@@ -206,24 +295,52 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE in the "rotate half" layout of Hugging Face checkpoints.
+class Rotary(NamedTuple):
+    """What RoPE applies at a forward's positions, computed once for all layers.
 
-    ``x [B, T, H, D]``, ``position_ids [B, T]`` (explicit: in TiDAR's layouts rows
-    and positions differ). Dimension ``i < D/2`` is paired with ``i + D/2`` and
-    the pair is rotated by angle ``pos * theta**(-2i/D)``; angles in fp32.
+    ``cos``/``sin [B, T, 1, D]`` in the activation dtype (YaRN's attention scaling
+    included); ``query_scale [B, T, 1, 1]`` (None when the model has none).
     """
-    head_dim = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
-    angles = position_ids.float()[..., None] * inv_freq  # [B, T, D/2]
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    query_scale: Optional[torch.Tensor]
+
+
+def rope_inv_freq(config: TransformerConfig, device=None) -> torch.Tensor:
+    """RoPE's per-pair frequencies ``[head_dim/2]`` in fp32: ``1 / theta**(2i/D)``, YaRN-blended when set."""
+    head_dim, theta = config.head_dim, config.rope_theta
+    wavelengths = theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    return 1.0 / wavelengths if config.yarn is None else config.yarn.inv_freq(wavelengths, head_dim, theta)
+
+
+def rotary_tables(config: TransformerConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> Rotary:
+    """:class:`Rotary` of ``position_ids [B, T]`` (explicit: in TiDAR's layouts rows and positions differ).
+
+    Angles ``pos * inv_freq`` in fp32; the query scale uses each row's own position.
+    """
+    angles = position_ids.float()[..., None] * rope_inv_freq(config, position_ids.device)  # [B, T, D/2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    scaling = 1.0 if config.yarn is None else config.yarn.attention_scaling
+    cos, sin = (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+    query_scale = None
+    if config.query_scale_beta:
+        periods = torch.div(position_ids, config.query_scale_length, rounding_mode="floor").float()
+        query_scale = (1 + config.query_scale_beta * torch.log(1 + periods)).to(dtype)[:, :, None, None]
+    return Rotary(cos, sin, query_scale)
+
+
+def apply_rotary(x: torch.Tensor, tables: Rotary) -> torch.Tensor:
+    """RoPE of ``x [B, T, H, D]`` in the "rotate half" layout of Hugging Face checkpoints.
+
+    Dimension ``i < D/2`` is paired with ``i + D/2``; the pair is rotated by its angle.
+    """
     first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    return x * tables.cos + torch.cat([-second, first], dim=-1) * tables.sin
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE at explicit positions (optional qkv bias and qk-norm)."""
+    """Grouped-query attention with RoPE at explicit positions (optional qkv bias, qk-norm, query scale)."""
 
     def __init__(self, config: TransformerConfig, layer: int):
         super().__init__()
@@ -236,7 +353,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, context: AttentionContext) -> torch.Tensor:
         c = self.config
         batch, seq, _ = x.shape
         on = context.adapter_from
@@ -245,7 +362,9 @@ class Attention(nn.Module):
         v = apply_adapter(self.wv, x, on).view(batch, seq, c.n_kv_heads, c.head_dim)
         if self.q_norm is not None:  # Qwen3: RMSNorm per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, position_ids, c.rope_theta), rotary(k, position_ids, c.rope_theta)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if rope.query_scale is not None:  # Ministral-3: after RoPE, at each row's own position
+            q = q * rope.query_scale
         out = context.attend(self.layer, q, k, v)  # GQA is the op's business
         return apply_adapter(self.wo, out.reshape(batch, seq, c.n_heads * c.head_dim), on)
 
@@ -274,8 +393,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), position_ids, context)
+    def forward(self, x: torch.Tensor, rope: Rotary, context: AttentionContext) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, context)
         return x + self.feed_forward(self.ffn_norm(x), context)
 
 
@@ -310,8 +429,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(position_ids.shape)}")
         x = self.tok_embeddings(input_ids)
+        rope = rotary_tables(self.config, position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, position_ids, context)
+            x = layer(x, rope, context)
         return self.norm(x)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,9 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from ..kernels import ops
-from .kv_cache import KVCache
 from ..kernels.mask import Layout, local_position_ids
 from ..kernels.validation import check_nonnegative, check_positive
+from .kv_cache import KVCache
 from .transformer import AttentionContext, Transformer
 
 Acceptance = Union[float, Sequence[float]]
@@ -236,3 +236,21 @@ def tune_draft_length(model: Transformer, batch_size: int, cache_len: int, accep
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return DraftLengthChoice(best.draft_len, batch_size, cache_len, describe_acceptance(acceptance), name,
                              tuple(table))
+
+
+CPU_DRAFT_LENGTH = 4
+"""Draft length :func:`default_draft_length` gives without a GPU to time on (CPU timing ranks nothing)."""
+
+
+def default_draft_length(model: Transformer, batch_size: int = 1, cache_len: int = 512,
+                         acceptance: Acceptance = 0.8, measure: Optional[Callable[[int], float]] = None) -> int:
+    """The draft length to decode ``model`` with when none is given (the generation CLI's default).
+
+    Candidates are ``1..trained_block_size`` (the block the checkpoint was trained
+    to fill; 16 when unknown). On CUDA, or with ``measure``, :func:`tune_draft_length`
+    picks among them; on the CPU it is ``min(CPU_DRAFT_LENGTH, trained_block_size)``.
+    """
+    limit = getattr(model.config, "trained_block_size", None) or 16
+    if measure is None and model.device.type != "cuda":
+        return min(CPU_DRAFT_LENGTH, limit)
+    return tune_draft_length(model, batch_size, cache_len, acceptance, range(1, limit + 1), measure).draft_len
