@@ -203,7 +203,7 @@ def load_models(args, device: torch.device, dtype: torch.dtype):
         return
     model, tokenizer = load_model(args.model, device, dtype)
     if args.spec_lora is not None:
-        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora))
+        attach_lora(model, checkpoints.load_spec_lora(args.spec_lora, model.config, model.device, model.dtype))
     yield Path(args.model).name, model, (tokenizer.encode(args.prompt) if args.prompt else None)
 
 

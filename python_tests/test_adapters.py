@@ -3,41 +3,15 @@
 Clean rows never attend to mask rows in any TiDAR layout, so an adapter on the mask rows
 leaves the clean rows' logits (and the K/V they write to the cache) bitwise equal too.
 """
-from dataclasses import dataclass
-
 import pytest
 import torch
+from helpers.lora import ALL_TARGETS, random_lora
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.kernels.mask import Layout, local_position_ids
 from tidar_kernels.model import adapters
 from tidar_kernels.model.kv_cache import KVCache
 from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
-
-ALL_TARGETS = tuple(adapters.HF_TO_MODULE)
-
-
-@dataclass
-class Lora:
-    """Stands in for checkpoints.LoraWeights (the fields attach_lora reads)."""
-
-    targets: dict
-    rank: int
-    alpha: float
-    scale: float
-
-
-def random_lora(model, targets=ALL_TARGETS, rank=4, scale=1e3, seed=1, layers=None):
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name in targets:
-        weights[name] = {}
-        for layer in (range(len(model.layers)) if layers is None else layers):
-            linear = adapters.projection(model, layer, adapters.HF_TO_MODULE[name])
-            weights[name][layer] = (torch.randn(rank, linear.in_features, generator=gen),
-                                    torch.randn(linear.out_features, rank, generator=gen))
-    return Lora(weights, rank, scale * rank, scale)
-
 
 def tiny(seed=0):
     torch.manual_seed(seed)
@@ -90,9 +64,9 @@ def test_whole_forward_equals_merged_weights():
     lora = random_lora(model, targets=("q_proj", "o_proj", "down_proj"), scale=0.5, layers=[1])
     merged = tiny()
     with torch.no_grad():
-        for name, layers in lora.targets.items():
+        for name, layers in lora.weights.items():
             for layer, (a, b) in layers.items():
-                adapters.projection(merged, layer, adapters.HF_TO_MODULE[name]).weight += lora.scale * b @ a
+                adapters.projection(merged, layer, name).weight += lora.scale * b @ a
     adapters.attach_lora(model, lora)
     positions = torch.arange(8).expand(ids.shape)
     out = model(ids, positions, AttentionContext(Layout.CAUSAL, adapter_from=0))
@@ -137,12 +111,13 @@ def test_trainable_adapters_with_frozen_base():
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda lora: lora.targets.update(w_proj=lora.targets.pop("o_proj")), "'w_proj' does not exist"),
+    (lambda lora: lora.weights.update(w_proj=lora.weights.pop("attention.wo")), "'w_proj' does not exist"),
     (lambda lora: setattr(lora, "rank", 5), "rank 5"),
-    (lambda lora: lora.targets["o_proj"].update({2: lora.targets["o_proj"][0]}), r"layer must be .* \[0, 2\)"),
+    (lambda lora: lora.weights["attention.wo"].update({2: lora.weights["attention.wo"][0]}),
+     r"layer must be .* \[0, 2\)"),
     (lambda lora: setattr(lora, "rank", 0), "rank must be an integer >= 1"),
-    (lambda lora: lora.targets.clear(), "at least one projection"),
-    (lambda lora: setattr(lora, "scale", float("nan")), "scale must be finite"),
+    (lambda lora: lora.weights.clear(), "at least one projection"),
+    (lambda lora: setattr(lora, "alpha", float("nan")), "scale must be finite"),
 ])
 def test_bad_weights_raise_before_anything_is_attached(change, match):
     model = tiny()

@@ -22,7 +22,8 @@ from single_thread import one_thread  # noqa: F401 (autouse fixture)
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.kernels.tolerance import assert_close_by_rule
 from tidar_kernels.model import checkpoints
-from tidar_kernels.model.generate import ar_generate, main, pad_prompts, tidar_generate
+from tidar_kernels.model.adapters import attach_lora
+from tidar_kernels.model.generate import ar_generate, linear_spec_generate, main, pad_prompts, tidar_generate
 from tidar_kernels.model.loading import load_model
 from tidar_kernels.model.transformer import AttentionContext, TransformerConfig, rope_inv_freq
 from tidar_kernels.model.tuning import CPU_DRAFT_LENGTH, default_draft_length
@@ -187,6 +188,31 @@ def test_generate_command_line(nld, capsys):
     tidar_text, ar_text = (part.split("\n")[1] for part in out.split("---")[2::2])
     assert tidar_text == ar_text and tidar_text.startswith("w5 w17 w3")
     assert "[TiDAR]" in out and "[AR]" in out
+
+
+@pytest.mark.parametrize("mode", ["quadratic", "linear"])
+def test_generate_command_line_with_the_spec_lora(nld, capsys, mode):
+    """Both self-speculative modes from the released directory, its own spec LoRA on: AR's text exactly."""
+    main(["--model", str(nld[0]), "--prompt", "w5 w17 w3", "--max-new-tokens", "6", "--mode", mode,
+          "--block-len", "4", "--spec-lora", str(nld[0] / "linear_spec_lora"), "--ar"])
+    out = capsys.readouterr().out
+    spec_text, ar_text = (part.split("\n")[1] for part in out.split("---")[2::2])
+    assert spec_text == ar_text and spec_text.startswith("w5 w17 w3")
+
+
+def test_spec_lora_changes_no_ar_token_in_either_mode(nld):
+    """The shipped adapter, scaled up 100x, on batch 3 ragged prompts: drafts move, tokens do not."""
+    model, _ = load_model(str(nld[0]))
+    lora = checkpoints.load_spec_lora(nld[0], model.config)
+    lora = type(lora)(lora.rank, lora.alpha * 100, lora.weights)
+    attach_lora(model, lora)
+    ids, lens = pad_prompts([[5, 17, 3], [9, 1, 2, 3, 4, 8, 7], [42]])
+    ar = ar_generate(model, ids, 12, prompt_lens=lens)
+    for block in (1, 4, 32):
+        quadratic = tidar_generate(model, ids, 12, block, prompt_lens=lens, spec_lora="mask_rows")
+        linear = linear_spec_generate(model, ids, 12, block, prompt_lens=lens, spec_lora="draft")
+        for result in (quadratic, linear):
+            assert torch.equal(result.tokens, ar.tokens) and torch.equal(result.lengths, ar.lengths), block
 
 
 def test_default_draft_length_is_at_most_the_trained_block(nld):

@@ -9,8 +9,8 @@ cache whose unused rows hold NaN.
 import pytest
 import torch
 from decode_plan_cases import cuda_decode_plan
+from helpers.lora import random_lora
 from single_thread import one_thread  # noqa: F401 (autouse fixture)
-from test_adapters import random_lora
 
 from tidar_kernels.kernels import ops
 from tidar_kernels.kernels.backends import load
@@ -218,9 +218,8 @@ def test_cli_modes(tmp_path, capsys, monkeypatch):
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    # The checkpoint loader of the spec LoRA is stood in for: any LoraWeights-shaped object will do.
-    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path: random_lora(model, targets=("o_proj",)),
-                        raising=False)
+    # The checkpoint's spec LoRA is stood in for by a random one of the same shapes.
+    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path, *placement: random_lora(model, targets=("o_proj",)))
     for mode, name in (("linear", "linear"), ("quadratic", "TiDAR")):
         main(["--model", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--mode", mode,
               "--block-len", "4", "--spec-lora", str(tmp_path), "--ar"])
@@ -247,8 +246,7 @@ def test_bench_decode_model_dir_smoke(tmp_path, monkeypatch):
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(tmp_path / "ckpt" / "tokenizer.json"))
-    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path: random_lora(model, targets=("o_proj",)),
-                        raising=False)
+    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path, *placement: random_lora(model, targets=("o_proj",)))
     threads = torch.get_num_threads()
     try:
         decode.main(["--smoke", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "ckpt"),

@@ -2,7 +2,9 @@
 
 One adapter per (layer, projection): ``y = W x + scale * B (A x)`` with ``A [r, in]``,
 ``B [out, r]`` (PEFT's convention), on any of q/k/v/o and the MLP's gate/up/down
-projections, named as in Hugging Face checkpoints (:data:`HF_TO_MODULE`).
+projections (:data:`LORA_TARGETS` maps the Hugging Face names to ours); the weights
+come as :class:`LoraWeights` (e.g. a checkpoint's PEFT files,
+:func:`~tidar_kernels.model.checkpoints.load_spec_lora`).
 
 An attached adapter runs only where a forward switches it on: its
 :class:`~tidar_kernels.model.transformer.AttentionContext`'s ``adapter_from`` is the first row
@@ -19,29 +21,35 @@ frozen by :func:`freeze_base`.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Protocol
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Hugging Face projection names -> our modules (attention: wq/wk/wv/wo, MLP: w1 gate, w3 up, w2 down).
-HF_TO_MODULE = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
-                "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-ATTENTION_MODULES = ("wq", "wk", "wv", "wo")
+LORA_TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv",
+                "o_proj": "attention.wo", "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3",
+                "down_proj": "feed_forward.w2"}
+"""Hugging Face (PEFT) projection names -> the projection's path in one of our layers."""
 
 
-class LoraSpec(Protocol):
-    """What :func:`attach_lora` reads (e.g. ``checkpoints.LoraWeights``).
+@dataclass
+class LoraWeights:
+    """A LoRA as plain tensors: ``weights[target][layer] = (A [rank, in], B [out, rank])``.
 
-    ``targets``: Hugging Face projection name -> {layer -> (A [rank, in], B [out, rank])};
-    ``scale`` multiplies the update (PEFT: ``alpha / rank``).
+    ``target`` is a projection's path in a layer (a value of :data:`LORA_TARGETS`, e.g.
+    ``"attention.wo"``); the adapted projection computes ``W x + scale * B (A x)`` with
+    ``scale = alpha / rank`` (PEFT's convention).
     """
 
-    targets: Mapping[str, Mapping[int, tuple[torch.Tensor, torch.Tensor]]]
     rank: int
     alpha: float
-    scale: float
+    weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 class LoraAdapter(nn.Module):
@@ -63,13 +71,12 @@ class LoraAdapter(nn.Module):
         return y
 
 
-def projection(model: nn.Module, layer: int, module: str) -> nn.Linear:
-    """The ``nn.Linear`` called ``module`` (one of :data:`HF_TO_MODULE`'s values) of ``layer``."""
-    block = model.layers[layer]
-    return getattr(block.attention if module in ATTENTION_MODULES else block.feed_forward, module)
+def projection(model: nn.Module, layer: int, target: str) -> nn.Linear:
+    """The ``nn.Linear`` at path ``target`` (a value of :data:`LORA_TARGETS`) of block ``layer``."""
+    return model.layers[layer].get_submodule(target)
 
 
-def attach_lora(model: nn.Module, weights: LoraSpec) -> list[LoraAdapter]:
+def attach_lora(model: nn.Module, weights: LoraWeights) -> list[LoraAdapter]:
     """Attach ``weights`` to ``model``'s projections (replacing adapters already there); returns them.
 
     Every target, layer and shape is checked before anything is attached. The adapters
@@ -81,21 +88,22 @@ def attach_lora(model: nn.Module, weights: LoraSpec) -> list[LoraAdapter]:
         raise ValueError(f"weights.rank must be an integer >= 1, got {rank!r}")
     if not math.isfinite(float(weights.scale)):
         raise ValueError(f"weights.scale must be finite, got {weights.scale!r}")
-    if not weights.targets:
-        raise ValueError("weights.targets must name at least one projection, got none")
+    if not weights.weights:
+        raise ValueError("weights.weights must name at least one projection, got none")
     n_layers = len(model.layers)
+    known = sorted(LORA_TARGETS.values())
     planned = []
-    for name, layers in weights.targets.items():
-        if name not in HF_TO_MODULE:
-            raise ValueError(f"weights.targets: module {name!r} does not exist; expected one of {sorted(HF_TO_MODULE)}")
+    for name, layers in weights.weights.items():
+        if name not in known:
+            raise ValueError(f"weights.weights: module {name!r} does not exist; expected one of {known}")
         for layer, (a, b) in layers.items():
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-                raise ValueError(f"weights.targets[{name!r}]: layer must be an integer in [0, {n_layers}), "
+                raise ValueError(f"weights.weights[{name!r}]: layer must be an integer in [0, {n_layers}), "
                                  f"got {layer!r}")
-            linear = projection(model, layer, HF_TO_MODULE[name])
+            linear = projection(model, layer, name)
             expected_a, expected_b = (rank, linear.in_features), (linear.out_features, rank)
             if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
-                raise ValueError(f"weights.targets[{name!r}][{layer}]: A must be {list(expected_a)} and B "
+                raise ValueError(f"weights.weights[{name!r}][{layer}]: A must be {list(expected_a)} and B "
                                  f"{list(expected_b)} (rank {rank}), got {list(a.shape)} and {list(b.shape)}")
             planned.append((linear, a, b))
     adapters = []

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import LoraWeights
 from .transformer import Transformer, TransformerConfig, YarnRope
 
 CONFIG_FILE = "config.json"
@@ -450,23 +451,6 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _LORA_TENSOR = re.compile(r"base_model\.model\.(?:encoder|model)\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight")
 # Hugging Face linear modules of a layer -> ours
 _HF_LINEARS = {theirs: ours for ours, theirs in _HF_LAYER_NAMES.items() if ours.split(".")[-1].startswith("w")}
-
-
-@dataclass
-class LoraWeights:
-    """A LoRA as plain tensors: ``weights[target][layer] = (A [rank, in], B [out, rank])``.
-
-    ``target`` is one of our module names in a layer (``"attention.wo"``); the
-    adapted module computes ``W x + scale * B (A x)`` with ``scale = alpha / rank``.
-    """
-
-    rank: int
-    alpha: float
-    weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def _linear_shapes(config: TransformerConfig) -> dict[str, tuple[int, int]]:
