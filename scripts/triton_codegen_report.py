@@ -20,8 +20,17 @@ shared memory (Triton), grid and, for the cached kernel, ``splits``, ``partial_b
 ``ideal_bytes`` (what the step must move), with the roofline model's estimate
 (``tidar_kernels/kernels/roofline.py``).
 
-``setmaxnreg`` / ``mbarrier`` (PTX instructions) and ``warp_specialized`` (a
-``ttg.warp_specialize`` region in the TTGIR) say whether Triton warp-specialised a kernel.
+Every row carries the Triton version that compiled it (``triton``): the planners pick
+per Triton version where an older compiler spills (``triton_ops.TRITON_VERSION``), and CI
+runs this report under the newest Triton and under the oldest ones the supported torch
+range pins (``scripts/codegen_all_tritons.sh``).
+
+Triton APIs: ``triton.compile``, ``triton.compiler.ASTSource`` / ``make_backend``,
+``triton.backends.compiler.GPUTarget`` and ``triton.knobs`` are public. Specialising a
+launch the way ``JITFunction.run`` does has no public API without a GPU driver, so
+:func:`specialise` uses the private names in :data:`PRIVATE_APIS` (the same ones Triton's
+own ``triton._filecheck`` uses); ``python_tests/test_triton_codegen_report.py`` fails,
+naming the missing one, when a Triton release drops any of them.
 
 Exits 1 on any spill, on any matmul of a compute-bound path (decode k >= 8, training)
 that is not ``wgmma`` on sm_90a, and when a compute-bound cached launch's
@@ -61,7 +70,7 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.runtime import jit as _triton_jit  # noqa: E402
 
 from tidar_kernels.kernels import roofline  # noqa: E402
 from tidar_kernels.kernels.backends import triton_ops  # noqa: E402
@@ -70,6 +79,10 @@ from tidar_kernels.kernels.mask import Layout, rows_written_to_cache  # noqa: E4
 ARCHS = {"sm_90a": (90, roofline.H100), "sm_80": (80, roofline.A100)}
 MODELS = {"qwen2.5-1.5b": (12, 2), "qwen3-8b": (32, 8)}
 HEAD_DIM, CACHE_LEN, DTYPE = 128, 4096, torch.bfloat16
+# The private Triton names :func:`specialise` needs: no public API binds a launch's
+# arguments to its specialisation without a driver. See :func:`missing_private_apis`.
+PRIVATE_APIS = ("triton.runtime.jit.create_function_from_signature", "triton.runtime.jit.JITFunction._pack_args",
+                "triton.runtime.jit.JITFunction.signature", "triton.runtime.jit.JITFunction.params")
 LAUNCHERS = ("_LAUNCH_FWD", "_LAUNCH_BWD_PRE", "_LAUNCH_BWD_DQ", "_LAUNCH_BWD_DKDV", "_LAUNCH_CACHED",
              "_LAUNCH_MERGE")
 
@@ -100,9 +113,6 @@ class Compiled:
     wgmma: int
     mma_sync: int
     tma: int
-    setmaxnreg: int
-    mbarrier: int
-    warp_specialized: bool
     regs: int
     spills: int
     smem_bytes: int
@@ -208,10 +218,49 @@ def recording(device: roofline.Device, launches: list[Launch]):
         triton_ops.device_figures, triton_ops.plan_cached = saved_figures, saved_plan
 
 
+def missing_private_apis(kernel=None) -> list[str]:
+    """The names of :data:`PRIVATE_APIS` this Triton lacks (``signature`` and ``params`` are
+    attributes of a ``JITFunction`` instance: checked on ``kernel``, by default one of ours)."""
+    kernel = kernel if kernel is not None else triton_ops.kernels.attention_fwd_kernel
+    present = {
+        "triton.runtime.jit.create_function_from_signature": callable(
+            getattr(_triton_jit, "create_function_from_signature", None)),
+        "triton.runtime.jit.JITFunction._pack_args": callable(getattr(_triton_jit.JITFunction, "_pack_args", None)),
+        "triton.runtime.jit.JITFunction.signature": isinstance(kernel, _triton_jit.JITFunction)
+        and hasattr(kernel, "signature"),
+        "triton.runtime.jit.JITFunction.params": isinstance(kernel, _triton_jit.JITFunction)
+        and hasattr(kernel, "params"),
+    }
+    return [name for name in PRIVATE_APIS if not present[name]]
+
+
+def check_private_apis() -> list[str]:
+    """Problems with :data:`PRIVATE_APIS` in this Triton, each naming the private API: missing
+    names, and whether :func:`specialise` still works through them on one recorded decode step
+    (nothing is compiled). Empty when the report can run."""
+    missing = missing_private_apis()
+    if missing:
+        return [f"Triton {triton.__version__} no longer has the private API {name}" for name in missing]
+    launches: list[Launch] = []
+    with recording(roofline.H100, launches):
+        headline_shapes()[0].run()
+    problems = []
+    for launch in launches:
+        try:
+            specialise(launch, 90)
+        except Exception as error:  # noqa: BLE001 - any failure of the private calls is reported
+            problems.append(f"Triton {triton.__version__}: specialising {launch.kernel.__name__} through the private "
+                            f"APIs {', '.join(PRIVATE_APIS)} failed: {error!r}")
+    return problems
+
+
 def specialise(launch: Launch, capability: int):
-    """What ``JITFunction.run`` compiles for these arguments: ``(signature, constexprs, attrs, options)``."""
+    """What ``JITFunction.run`` compiles for these arguments: ``(signature, constexprs, attrs, options)``.
+
+    Triton's own binder and argument packing (private: :data:`PRIVATE_APIS`), so the
+    specialisation (constants, divisibility hints) is the one a real launch gets."""
     backend = make_backend(GPUTarget("cuda", capability, 32))
-    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
+    binder = _triton_jit.create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.kwargs, bound, specialization,
                                                                      options)
@@ -244,9 +293,6 @@ def _compile(index: int) -> Compiled:
         wgmma=ptx_count(ptx, r"wgmma\.mma_async"),
         mma_sync=ptx_count(ptx, r"mma\.sync"),
         tma=ptx_count(ptx, r"cp\.async\.bulk\.tensor"),
-        setmaxnreg=ptx_count(ptx, r"setmaxnreg"),
-        mbarrier=ptx_count(ptx, r"mbarrier\."),
-        warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
         regs=int(regs[-1]), spills=sum(int(a) + int(b) for a, b in spills),
         smem_bytes=compiled.metadata.shared, warps=options.num_warps, stages=options.num_stages,
         seconds=seconds)
@@ -288,10 +334,9 @@ def run(archs: list[str], jobs: int, only: str) -> list[dict]:
     rows = []
     for arch, shape, launch, index in recorded:
         result = results[index]
-        row = {"kernel": launch.kernel.__name__.removesuffix("_kernel"), "shape": shape.name, "arch": arch,
-               "compute_bound": shape.compute_bound, "wgmma": result.wgmma, "mma_sync": result.mma_sync,
-               "tma": result.tma, "setmaxnreg": result.setmaxnreg, "mbarrier": result.mbarrier,
-               "warp_specialized": result.warp_specialized, "experimental": shape.tma, "regs": result.regs,
+        row = {"triton": triton.__version__, "kernel": launch.kernel.__name__.removesuffix("_kernel"),
+               "shape": shape.name, "arch": arch, "compute_bound": shape.compute_bound, "wgmma": result.wgmma,
+               "mma_sync": result.mma_sync, "tma": result.tma, "experimental": shape.tma, "regs": result.regs,
                "spills": result.spills, "smem_bytes": result.smem_bytes,
                "warps": result.warps, "stages": result.stages, "grid": list(launch.grid),
                "block_m": launch.kwargs.get("BLOCK_M"), "block_n": launch.kwargs.get("BLOCK_N"),
@@ -331,13 +376,12 @@ def experimental_notes(rows: list[dict]) -> list[str]:
     notes = failures([row | {"experimental": False} for row in rows if row["experimental"]])
     for row in rows:
         if row["experimental"] and row["kernel"] == "cached_attention" and row["arch"] == "sm_90a":
-            notes.append(f"cached_attention {row['shape']} sm_90a: {row['tma']} TMA copies, {row['setmaxnreg']} "
-                         f"setmaxnreg, warp-specialised: {row['warp_specialized']}")
+            notes.append(f"cached_attention {row['shape']} sm_90a: {row['tma']} TMA copies")
     return notes
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["arch", "shape", "kernel", "wgmma", "mma_sync", "tma", "setmaxnreg", "regs", "spills", "smem_bytes", "warps",
+    columns = ["arch", "shape", "kernel", "wgmma", "mma_sync", "tma", "regs", "spills", "smem_bytes", "warps",
                "stages", "block_m", "grid", "splits", "partial_bytes", "ideal_bytes", "model_us", "limit_us"]
 
     def cell(row, column):
@@ -363,11 +407,20 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
     parser.add_argument("--only", default="", help="regex: only the shapes whose name matches")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--check-private-apis", action="store_true",
+                        help="only check the private Triton APIs the report needs (no compile); exit 1 naming a lost one")
     args = parser.parse_args(argv)
+    problems = check_private_apis()
+    for line in problems:
+        print(f"FAIL {line}", file=sys.stderr)
+    if problems or args.check_private_apis:
+        print(f"private Triton APIs ({', '.join(PRIVATE_APIS)}): " + ("missing or changed" if problems else "present"))
+        return 1 if problems else 0
     knobs.nvidia.dump_ptxas_log = True
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: every kernel really compiles (ptxas log)
         knobs.cache.dir = cache
         rows = run(args.arch or list(ARCHS), args.jobs, args.only)
+    print(f"Triton {triton.__version__}, torch {torch.__version__}")
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +431,7 @@ def main(argv=None) -> int:
     found = failures(rows)
     for line in found:
         print(f"FAIL {line}", file=sys.stderr)
-    print("codegen report: " + (f"{len(found)} failures" if found else
+    print(f"codegen report (Triton {triton.__version__}): " + (f"{len(found)} failures" if found else
                                 "no spills; compute-bound matmuls on wgmma and partials within the ideal bytes"))
     return 1 if found else 0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,6 +50,21 @@ MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
 # The interpreter has no SMs; pretend a small GPU so CPU tests exercise the split path.
 INTERPRETER_SM_COUNT = 8
+
+
+def _triton_version(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a Triton version string (``"3.8.0"``, ``"3.9.0+git1a2b"``)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"unrecognised Triton version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+# The installed Triton (torch pins it: 2.11 -> 3.6, 2.13 -> 3.8, 2.15 -> 3.9). Register
+# allocation differs between releases, so a few tile choices below depend on it: each is
+# the largest tile that compiles without spills under every Triton the codegen report is
+# run against in CI (``scripts/codegen_all_tritons.sh``).
+TRITON_VERSION = _triton_version(triton.__version__)
 
 def _launcher(kernel):
     """``wrap_triton`` makes a launch visible to torch.compile. Under the interpreter there is
@@ -101,13 +117,24 @@ def _fwd_blocks(dtype: torch.dtype) -> tuple[int, int]:
     return (64, 32) if dtype == torch.float32 else (128, 64)
 
 
-def _fwd_dq_blocks(dtype: torch.dtype, capability: int) -> tuple[int, int]:
+def _fwd_dq_blocks(dtype: torch.dtype, capability: int,
+                   triton_version: tuple[int, int] = TRITON_VERSION) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the forward and dQ kernels on ``capability``: :func:`_fwd_blocks`,
-    but 64-row tiles before sm_90, where mma.sync's register layouts make 128-row tiles
-    spill (bf16 hd128, Triton 3.9, sm_80: dQ 84 B per thread, forward 12 B; 64 rows with
-    8 warps: dQ 188 registers, no spills)."""
+    but
+
+    * 64-row tiles before sm_90, where mma.sync's register layouts make 128-row tiles
+      spill (bf16 hd128, Triton 3.9, sm_80: dQ 84 B per thread, forward 12 B; 64 rows with
+      8 warps: dQ 188 registers, no spills);
+    * 32-key tiles on sm_90 under Triton < 3.9: Triton 3.8 spills 128 x 64 (bf16 hd128,
+      sm_90a: forward 56 B per thread, dQ 152 B; with 2 stages still 104 B in dQ), while
+      128 x 32 compiles to 183 / 184 registers without spills, every matmul on wgmma.
+    """
     block_m, block_n = _fwd_blocks(dtype)
-    return (min(block_m, 64), block_n) if capability < 90 else (block_m, block_n)
+    if capability < 90:
+        return min(block_m, 64), block_n
+    if triton_version < (3, 9) and dtype != torch.float32:
+        return block_m, min(block_n, 32)
+    return block_m, block_n
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
@@ -162,30 +189,38 @@ class CachedPlan:
     estimate: roofline.Estimate
 
 
-def _cached_block_n(dtype: torch.dtype, block_m: int, block_d: int, capability: int) -> int:
+def _cached_block_n(dtype: torch.dtype, block_m: int, block_d: int, capability: int,
+                    triton_version: tuple[int, int] = TRITON_VERSION) -> int:
     """Key-tile width of the cached kernel: small row tiles take wider key tiles to keep
     enough bytes in flight, but at head dim 128 with 16-32 rows ptxas (Triton 3.9, sm_90)
     spills ~10 KB per thread with 128-key tiles, <1 KB with 64. Before sm_90 (mma.sync
     register layouts) 64-key tiles spill at head dim 128 too (bf16, sm_80: 16-64 B per
-    thread), 32-key tiles do not."""
+    thread), 32-key tiles do not (with Triton < 3.8 only with at most 32-row tiles:
+    :func:`_cached_block_m_options`)."""
     if dtype == torch.float32 or (capability < 90 and block_d >= 128):
         return 32 if block_d >= 128 else 64
     return 128 if block_m <= 32 and block_d <= 64 else 64
 
 
-def _cached_block_m_options(dtype: torch.dtype, packed_rows: int) -> tuple[int, ...]:
+def _cached_block_m_options(dtype: torch.dtype, packed_rows: int, capability: int = 90, block_d: int = 128,
+                            triton_version: tuple[int, int] = TRITON_VERSION) -> tuple[int, ...]:
     """Row-tile sizes the planner weighs for ``packed_rows`` (query row, group head) rows.
 
     A small step (<= 32 rows, memory-bound) takes one tile of the rows rounded up to a
     power of two >= 16; larger ones 64- or 128-row tiles (what Hopper's wgmma takes from
     one or two warpgroups), whichever the model prices lower: 64 pads fewer rows, 128
     reads each K/V tile for more rows. fp32 tiles take twice the shared memory and
-    registers per element: at most 64 rows.
+    registers per element: at most 64 rows. Before sm_90 at head dim >= 128 under Triton
+    < 3.8, at most 32 rows: Triton 3.6 spills 64 x 32 tiles with 8 warps (bf16, sm_80:
+    24-52 B per thread, more with 2 stages or 4 warps), while 32 x 32 with 4 warps takes
+    168-218 registers without spills.
     """
     cap = 64 if dtype == torch.float32 else 128
+    if capability < 90 and block_d >= 128 and triton_version < (3, 8):
+        cap = 32
     if packed_rows <= 32:
         return (max(16, triton.next_power_of_2(packed_rows)),)
-    return tuple(m for m in (64, 128) if m <= cap)
+    return tuple(m for m in (64, 128) if m <= cap) or (cap,)
 
 
 # TMA: global addresses and every stride but the last must be multiples of 16 bytes.
@@ -261,7 +296,7 @@ def plan_cached(dtype: torch.dtype, batch: int, num_rows: int, q_heads: int, kv_
     stages = _stages(dtype)
     step = roofline.CachedStep(batch, num_rows, q_heads, kv_heads, head_dim, max_len, rows_written, elem_bytes)
     block_n_of = {}
-    for block_m in _cached_block_m_options(dtype, step.packed_rows):
+    for block_m in _cached_block_m_options(dtype, step.packed_rows, device.capability, block_d):
         block_n = _cached_block_n(dtype, block_m, block_d, device.capability)
         # Shared memory: the Q tile plus `stages` buffers of K and V tiles (what Triton allocates).
         smem = elem_bytes * block_d * (block_m + stages * 2 * block_n)
