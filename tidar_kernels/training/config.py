@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..kernels.mask import check_training_shape
+
 
 @dataclass
 class TrainArgs:
