@@ -40,6 +40,7 @@ class TrainArgs:
     eval_prompt_len: int = 32
     eval_new_tokens: int = 48
     save_every: int = 0  # 0: save once at the end
+    keep_last: Optional[int] = None  # keep only the newest N step directories (None: all; never deletes latest)
     out_dir: Optional[str] = None  # None: no checkpoints
     device: Optional[str] = None  # default: cuda when available, else cpu
     time_limit: Optional[float] = None  # seconds of training after which to stop early (the demo's bound)
@@ -67,6 +68,10 @@ class TrainArgs:
             raise ValueError(f"trainable_layers must be an integer >= 1 or None (all), got {self.trainable_layers!r}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)
+                                           or self.keep_last < 1):
+            raise ValueError(f"keep_last must be an integer >= 1 or None (keep every checkpoint), got "
+                             f"{self.keep_last!r}")
 
 
 RECIPES = {
@@ -106,10 +111,10 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
     for name in ("text_field", "max_chars", "heldout_fraction", "vocab_size", "seq_len", "block_size",
                  "batch_size", "micro_batch_size", "steps", "lr", "min_lr", "warmup_steps", "weight_decay",
                  "alpha", "grad_clip", "seed", "eval_every", "eval_rows", "eval_prompts", "eval_prompt_len",
-                 "eval_new_tokens", "save_every", "device", "time_limit"):
+                 "eval_new_tokens", "save_every", "keep_last", "device", "time_limit"):
         value = getattr(defaults, name)
         kind = {int: int, float: float, str: str}.get(type(value), str)
-        if name in ("max_chars", "micro_batch_size", "warmup_steps"):
+        if name in ("max_chars", "micro_batch_size", "warmup_steps", "keep_last"):
             kind = int
         if name in ("min_lr", "time_limit"):
             kind = float

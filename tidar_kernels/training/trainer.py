@@ -21,6 +21,8 @@ moments and RNG states) and ``trainer_state.json`` (step, training arguments,
 scheduler and data positions), so ``--resume`` continues bit-identically on CPU.
 A checkpoint is written into a temporary directory and renamed into place: a
 failure never leaves a partial checkpoint behind. ``OUT/latest`` names the last one.
+``--keep-last N`` deletes all but the newest N step directories after each save
+(once ``latest`` names the new one; never the one it names).
 """
 from __future__ import annotations
 
@@ -232,7 +234,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     """Run (or resume) training; returns the trained model, history and last evaluation.
 
     With ``resume`` the run's arguments come from the checkpoint, except
-    ``steps``, ``out_dir``, ``save_every``, ``eval_every``, ``progress``,
+    ``steps``, ``out_dir``, ``save_every``, ``keep_last``, ``eval_every``, ``progress``,
     ``device``, ``time_limit`` and ``fsdp``, which are taken from ``args`` (so a
     run can be extended; the cosine schedule then follows the new ``steps``), and
     ``budget_minutes``, which a resumed run does not have (its steps are given).
@@ -252,6 +254,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         state = json.loads((ckpt / STATE_JSON).read_text())
         saved = TrainArgs(**state["args"])
         args = dataclasses.replace(saved, steps=args.steps, out_dir=args.out_dir, save_every=args.save_every,
+                                   keep_last=args.keep_last,
                                    eval_every=args.eval_every, progress=args.progress, device=args.device,
                                    time_limit=args.time_limit, fsdp=args.fsdp,
                                    budget_minutes=None)  # the saved run's budget was spent planning its steps
@@ -370,7 +373,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             if dist_.main:
                 try:
                     checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
-                                                 args, evaluation or None, history, model_state, optimizer_state)
+                                                 args, evaluation or None, history, model_state, optimizer_state,
+                                                 keep_last=args.keep_last)
                 except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
                     failure = error
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
