@@ -132,6 +132,13 @@ def test_rewriting_a_step_keeps_the_old_checkpoint_when_the_rename_fails(tmp_pat
     assert checkpoint_dirs(tmp_path) == ["step_000001"]
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_self_distillation_trains_and_logs_its_term(mode):
+    result = train(dataclasses.replace(QUICK, steps=2, distill=mode, distill_weight=0.5))
+    for h in result.history:
+        assert h["distill"] > 0 and torch.isfinite(torch.tensor(h["loss"]))
+
+
 def test_keep_last_leaves_the_newest_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = dataclasses.replace(QUICK, steps=5, save_every=1, keep_last=2, out_dir=str(out))
@@ -252,7 +259,7 @@ def _checkpoint_without_mask(directory: Path) -> str:
 
 @pytest.mark.parametrize("case", ["empty corpus", "seq_len not a multiple of block_size", "unknown config",
                                   "missing mask token", "unreadable checkpoint", "resume from nothing",
-                                  "batch not divisible"])
+                                  "batch not divisible", "distill weight out of range"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
     out = tmp_path / "out"
     args = dataclasses.replace(QUICK, out_dir=str(out))
@@ -273,8 +280,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
         args, match = dataclasses.replace(args, init=str(bad)), "unreadable"
     elif case == "resume from nothing":
         resume, match = str(tmp_path), "missing"
-    else:
+    elif case == "batch not divisible":
         args, match = dataclasses.replace(args, batch_size=4, micro_batch_size=3), "batch_size must be a multiple"
+    else:
+        args, match = dataclasses.replace(args, distill="soft", distill_weight=1.5), "distill_weight must lie in"
     with pytest.raises(ValueError, match=match):
         train(args, resume=resume)
     assert checkpoint_dirs(out) == []

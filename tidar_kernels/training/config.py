@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..kernels.mask import check_training_shape
+from .objective import DISTILL_MODES
 
 
 @dataclass
@@ -32,6 +33,8 @@ class TrainArgs:
     warmup_steps: Optional[int] = None  # default 5% of steps (at least 1)
     weight_decay: float = 0.1
     alpha: float = 1.0  # AR loss weight
+    distill: str = "none"  # self-distillation of the diffusion targets from the AR head: none, soft, hard
+    distill_weight: float = 0.5  # W: diffusion loss = (1 - W) * true-token CE + W * distillation CE
     grad_clip: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0: evaluate once at the end
@@ -68,6 +71,11 @@ class TrainArgs:
             raise ValueError(f"trainable_layers must be an integer >= 1 or None (all), got {self.trainable_layers!r}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.distill not in DISTILL_MODES:
+            raise ValueError(f"distill must be one of {list(DISTILL_MODES)}, got {self.distill!r}")
+        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
+                or not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
         if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)
                                            or self.keep_last < 1):
             raise ValueError(f"keep_last must be an integer >= 1 or None (keep every checkpoint), got "
@@ -119,6 +127,11 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
         if name in ("min_lr", "time_limit"):
             kind = float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=value)
+    p.add_argument("--distill", default=defaults.distill, choices=list(DISTILL_MODES),
+                   help="diffusion targets also from the model's own AR head on the clean half (detached): "
+                        "its distribution (soft) or argmax (hard)")
+    p.add_argument("--distill-weight", dest="distill_weight", type=float, default=defaults.distill_weight,
+                   help="W in [0, 1]: diffusion loss = (1 - W) * true-token CE + W * distillation CE")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     p.add_argument("--recipe", default=None, help=f"start from a named recipe {sorted(RECIPES)}; "
                    "explicit options override its values")

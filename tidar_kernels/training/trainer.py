@@ -62,7 +62,7 @@ from .objective import build_training_batch, label_counts, tidar_loss
 class TrainResult:
     model: nn.Module
     tokenizer: TextTokenizer
-    history: list  # one dict per optimizer step: step, loss, ar, diffusion, lr
+    history: list  # one dict per optimizer step: step, loss, ar, diffusion (true tokens), lr; distill if on
     evaluation: dict  # the last evaluation (see :func:`evaluate`)
     checkpoint: Optional[Path]  # the last checkpoint written, if any
     datasets: "Datasets"
@@ -319,24 +319,27 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                                         datasets.train.doc_ids[r]) for r in rows]
         local = [sum(c) for c in zip(*(label_counts(b.labels) for b in batches))]
         ar_tokens, diff_tokens = (int(n) for n in dist_.all_sum(local))
-        sums = [0.0, 0.0, 0.0]
+        sums = [0.0, 0.0, 0.0, 0.0]
         for index, batch in enumerate(batches):
             sync = index == accum - 1 or not dist_.enabled
             if args.fsdp:  # gradients reduce-scattered on the last micro-batch only
                 forward.set_requires_gradient_sync(sync)
             with (contextlib.nullcontext() if sync or args.fsdp else forward.no_sync()), autocast:
                 logits = forward(batch.input_ids.to(dist_.device))
-                loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens)
+                loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens,
+                                  args.distill, args.distill_weight)
             (loss.total * world).backward()
-            sums = [s + float(x.detach()) for s, x in zip(sums, (loss.total, loss.ar, loss.diffusion))]
+            parts = (loss.total, loss.ar, loss.diffusion, loss.diffusion if loss.distill is None else loss.distill)
+            sums = [s + float(x.detach()) for s, x in zip(sums, parts)]
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        total, ar, diff = dist_.all_sum(sums)
-        history.append({"step": step + 1, "loss": total, "ar": ar, "diffusion": diff, "lr": lr})
+        total, ar, diff, distilled = dist_.all_sum(sums)
+        history.append({"step": step + 1, "loss": total, "ar": ar, "diffusion": diff, "lr": lr,
+                        **({"distill": distilled} if args.distill != "none" else {})})
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         bar.set_postfix(loss=f"{total:.3f}", ar=f"{ar:.3f}", diff=f"{diff:.3f}",
