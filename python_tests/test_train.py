@@ -3,6 +3,7 @@ and fails cleanly on bad input without leaving a partial checkpoint."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tidar_kernels.training import data as tdata
-from tidar_kernels.model.loading import LATEST
+from tidar_kernels.model.loading import LATEST, load_model
 from tidar_kernels.training.checkpointing import STATE_JSON, resolve_checkpoint, save_checkpoint
 from tidar_kernels.training.config import TrainArgs, parse_args
 from tidar_kernels.training.trainer import make_optimizer, make_scheduler, train
@@ -131,6 +132,56 @@ def test_rewriting_a_step_keeps_the_old_checkpoint_when_the_rename_fails(tmp_pat
     assert checkpoint_dirs(tmp_path) == ["step_000001"]
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_self_distillation_trains_and_logs_its_term(mode):
+    result = train(dataclasses.replace(QUICK, steps=2, distill=mode, distill_weight=0.5))
+    for h in result.history:
+        assert h["distill"] > 0 and torch.isfinite(torch.tensor(h["loss"]))
+
+
+def test_keep_last_leaves_the_newest_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = dataclasses.replace(QUICK, steps=5, save_every=1, keep_last=2, out_dir=str(out))
+    train(args)
+    assert checkpoint_dirs(out) == ["step_000004", "step_000005"]
+    assert resolve_checkpoint(str(out)).name == "step_000005"
+    resumed = train(dataclasses.replace(args, steps=6), resume=str(out))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint_dirs(out) == ["step_000005", "step_000006"]
+
+
+@pytest.mark.parametrize("fault", ["latest pointer", "deletion"])
+def test_keep_last_never_leaves_a_run_without_a_loadable_latest(fault, tmp_path, monkeypatch):
+    """A failure while moving ``latest`` deletes nothing; one during deletion leaves the new latest intact."""
+    out = tmp_path / "run"
+    args = dataclasses.replace(QUICK, steps=3, save_every=1, keep_last=1, out_dir=str(out))
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def failing_replace(src, dst):
+        if Path(dst).name == LATEST and Path(src).read_text() == "step_000003":
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    def failing_rmtree(path, *a, **k):
+        if ".deleting-" in Path(path).name:
+            raise OSError("killed")
+        return real_rmtree(path, *a, **k)
+
+    if fault == "latest pointer":
+        monkeypatch.setattr(os, "replace", failing_replace)
+    else:
+        monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    with pytest.raises(OSError, match="killed"):
+        train(args)
+    monkeypatch.undo()
+    # latest pointer: step 3 is in place but not named, so step 2 stays; deletion: step 2's save dies
+    # removing step 1, after latest named step 2
+    assert resolve_checkpoint(str(out)).name == "step_000002"
+    assert load_model(str(out))[0] is not None
+    step_dirs = [name for name in checkpoint_dirs(out) if name.startswith("step_")]
+    assert step_dirs == (["step_000002", "step_000003"] if fault == "latest pointer" else ["step_000002"])
+
+
 # ----------------------------------------------------------------------------
 # torch.distributed: 2 gloo processes give the loss of 1 process with the same global batch
 # ----------------------------------------------------------------------------
@@ -208,7 +259,7 @@ def _checkpoint_without_mask(directory: Path) -> str:
 
 @pytest.mark.parametrize("case", ["empty corpus", "seq_len not a multiple of block_size", "unknown config",
                                   "missing mask token", "unreadable checkpoint", "resume from nothing",
-                                  "batch not divisible"])
+                                  "batch not divisible", "distill weight out of range"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
     out = tmp_path / "out"
     args = dataclasses.replace(QUICK, out_dir=str(out))
@@ -229,8 +280,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
         args, match = dataclasses.replace(args, init=str(bad)), "unreadable"
     elif case == "resume from nothing":
         resume, match = str(tmp_path), "missing"
-    else:
+    elif case == "batch not divisible":
         args, match = dataclasses.replace(args, batch_size=4, micro_batch_size=3), "batch_size must be a multiple"
+    else:
+        args, match = dataclasses.replace(args, distill="soft", distill_weight=1.5), "distill_weight must lie in"
     with pytest.raises(ValueError, match=match):
         train(args, resume=resume)
     assert checkpoint_dirs(out) == []
@@ -250,3 +303,6 @@ def test_cli_parses_overrides_and_types():
         ("small", {"dim": 128, "qk_norm": True}, 7, 1e-3, 5000, "runs/x")
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_args(["--override", "dim"])
+    assert parse_args(["--keep-last", "3"])[0].keep_last == 3 and parse_args([])[0].keep_last is None
+    with pytest.raises(ValueError, match="keep_last must be an integer >= 1 or None"):
+        parse_args(["--keep-last", "0"])[0].validate()

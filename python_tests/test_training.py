@@ -168,3 +168,58 @@ def test_mask_position_never_sees_its_label(block_size):
                 assert diff == 0, f"mask position {i} saw clean token {j} (block starts at {block_start})"
             else:
                 assert diff > 1e-9, f"mask position {i} should see clean token {j}"
+
+
+# ----------------------------------------------------------------------------
+# Self-distillation: mask row i learns clean row i - 1's (detached) prediction of x_i
+# ----------------------------------------------------------------------------
+
+
+def _two_document_batch():
+    # docs A = x0..x4, B = x5..x7 (block 2): mask row 0 has no teacher, clean row 4's label crosses A|B
+    x = torch.tensor([[11, 12, 13, 14, 15, 21, 22, 23], [31, 32, 33, 34, 35, 36, 37, 38]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1], [0] * 8])
+    return build_training_batch(x, MASK, 2, docs).labels
+
+
+def test_hard_distill_from_a_perfect_ar_head_is_the_true_token_loss():
+    labels = _two_document_batch()
+    half = labels.shape[1] // 2
+    torch.manual_seed(0)
+    logits = torch.randn(*labels.shape, 100, dtype=torch.float64)
+    for b, p in zip(*torch.nonzero(labels[:, :half] != IGNORE_INDEX, as_tuple=True)):
+        logits[b, p, labels[b, p]] = 50.0  # clean row p's argmax is its next token x_{p+1}
+    plain = tidar_loss(logits, labels, alpha=0.5)
+    distilled = tidar_loss(logits, labels, alpha=0.5, distill="hard", distill_weight=1.0)
+    assert torch.allclose(distilled.distill, plain.diffusion, rtol=0, atol=1e-12)
+    assert torch.allclose(distilled.total, plain.total, rtol=0, atol=1e-12)
+    # a wrong teacher changes it: the alignment is clean row i - 1 for mask row i, not clean row i
+    shifted = logits.clone()
+    shifted[:, :half] = logits[:, :half].roll(1, dims=1)
+    assert not torch.allclose(tidar_loss(shifted, labels, distill="hard", distill_weight=1.0).distill,
+                              plain.diffusion)
+
+
+def test_soft_distill_targets_are_detached_and_the_mix_is_linear():
+    labels = _two_document_batch()
+    half = labels.shape[1] // 2
+    logits = torch.randn(*labels.shape, 100, dtype=torch.float64, requires_grad=True)
+    loss = tidar_loss(logits, labels, alpha=0.0, distill="soft", distill_weight=1.0)
+    loss.total.backward()
+    assert torch.count_nonzero(logits.grad[:, :half]) == 0  # no gradient through the teacher
+    assert torch.count_nonzero(logits.grad[:, half:]) > 0
+    mixed = tidar_loss(logits, labels, alpha=0.0, distill="soft", distill_weight=0.25)
+    assert torch.allclose(mixed.total, 0.75 * mixed.diffusion + 0.25 * mixed.distill)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(distill="soft", distill_weight=1.5), r"distill_weight must lie in \[0, 1\]"),
+                                           (dict(distill="soft", distill_weight=-0.1), r"distill_weight must lie in \[0, 1\]"),
+                                           (dict(distill="kl"), "distill must be one of")])
+def test_bad_distill_arguments_are_named(kwargs, match):
+    from tidar_kernels.training.config import TrainArgs, parse_args
+    labels = _two_document_batch()
+    with pytest.raises(ValueError, match=match):
+        tidar_loss(torch.zeros(*labels.shape, 100), labels, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        TrainArgs(**kwargs).validate()
+    assert parse_args(["--distill", "hard", "--distill-weight", "0.3"])[0].distill_weight == 0.3

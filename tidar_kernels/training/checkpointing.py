@@ -4,12 +4,15 @@
 the tokenizer, ``trainer_state.safetensors`` (optimizer moments, RNG states) and
 ``trainer_state.json`` (step, arguments, scheduler and data positions); ``OUT/latest``
 names the newest. Every write goes to a temporary directory that is renamed into place.
+With ``keep_last`` only the newest step directories are kept (:func:`prune_checkpoints`),
+deleted only once ``latest`` names the new one.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -31,6 +34,10 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 
 
+STEP_DIR = re.compile(r"step_(\d+)")
+"""Name of a checkpoint directory of the run directory: ``step_NNNNNN``."""
+
+
 def plain_model(config, state: dict, device: torch.device) -> nn.Module:
     """An unsharded model holding a gathered state dict, on the run's device (rank 0 evaluates it alone)."""
     return build_model(config, state, device=device, dtype=torch.float32)
@@ -39,8 +46,12 @@ def plain_model(config, state: dict, device: torch.device) -> nn.Module:
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextTokenizer,
                     optimizer, scheduler, sampler: BatchSampler, args: TrainArgs,
                     evaluation: Optional[dict] = None, history: Optional[list] = None,
-                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:
+                    model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                    keep_last: Optional[int] = None) -> Path:
     """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it.
+
+    ``keep_last``: then delete all but the newest that many step directories
+    (:func:`prune_checkpoints`); ``None`` keeps every one.
 
     ``model_state`` / ``optimizer_state``: full (gathered) state dicts of a sharded
     run (:func:`gather_full_state`); by default those of ``model`` and ``optimizer``.
@@ -82,7 +93,28 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextT
     pointer = out_dir / f".{LATEST}.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, out_dir / LATEST)
+    if keep_last is not None:
+        prune_checkpoints(out_dir, keep_last)
     return final
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
+    """Delete the oldest ``step_NNNNNN`` directories of ``out_dir`` beyond the newest ``keep_last``; return them.
+
+    The one ``latest`` names is never deleted. Each goes by a rename to a hidden
+    name first, then is removed, so a kill midway leaves no half-deleted
+    checkpoint under a step name; the trainer calls this only after ``latest``
+    moved, so a loadable latest exists at every moment.
+    """
+    latest = (out_dir / LATEST).read_text().strip() if (out_dir / LATEST).is_file() else None
+    steps = sorted((int(m.group(1)), p) for p in out_dir.iterdir()
+                   if p.is_dir() and (m := STEP_DIR.fullmatch(p.name)))
+    doomed = [p for _, p in steps[:max(0, len(steps) - keep_last)] if p.name != latest]
+    for path in doomed:
+        hidden = out_dir / f".deleting-{path.name}-{os.getpid()}"
+        os.replace(path, hidden)
+        shutil.rmtree(hidden)
+    return doomed
 
 
 def resolve_checkpoint(path: str) -> Path:

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..kernels.mask import check_training_shape
 from ..kernels.validation import check_int, check_positive
+from .objective import DISTILL_MODES
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TrainArgs:
     warmup_steps: Optional[int] = None  # default 5% of steps (at least 1)
     weight_decay: float = 0.1
     alpha: float = 1.0  # AR loss weight
+    distill: str = "none"  # self-distillation of the diffusion targets from the AR head: none, soft, hard
+    distill_weight: float = 0.5  # W: diffusion loss = (1 - W) * true-token CE + W * distillation CE
     grad_clip: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0: evaluate once at the end
@@ -41,6 +44,7 @@ class TrainArgs:
     eval_prompt_len: int = 32
     eval_new_tokens: int = 48
     save_every: int = 0  # 0: save once at the end
+    keep_last: Optional[int] = None  # keep only the newest N step directories (None: all; never deletes latest)
     out_dir: Optional[str] = None  # None: no checkpoints
     device: Optional[str] = None  # default: cuda when available, else cpu
     time_limit: Optional[float] = None  # seconds of training after which to stop early (the demo's bound)
@@ -65,6 +69,15 @@ class TrainArgs:
             check_int("trainable_layers", self.trainable_layers, 1, note=" or None (all)")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.distill not in DISTILL_MODES:
+            raise ValueError(f"distill must be one of {list(DISTILL_MODES)}, got {self.distill!r}")
+        if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
+                or not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)
+                                           or self.keep_last < 1):
+            raise ValueError(f"keep_last must be an integer >= 1 or None (keep every checkpoint), got "
+                             f"{self.keep_last!r}")
 
 
 RECIPES = {
@@ -104,14 +117,19 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
     for name in ("text_field", "max_chars", "heldout_fraction", "vocab_size", "seq_len", "block_size",
                  "batch_size", "micro_batch_size", "steps", "lr", "min_lr", "warmup_steps", "weight_decay",
                  "alpha", "grad_clip", "seed", "eval_every", "eval_rows", "eval_prompts", "eval_prompt_len",
-                 "eval_new_tokens", "save_every", "device", "time_limit"):
+                 "eval_new_tokens", "save_every", "keep_last", "device", "time_limit"):
         value = getattr(defaults, name)
         kind = {int: int, float: float, str: str}.get(type(value), str)
-        if name in ("max_chars", "micro_batch_size", "warmup_steps"):
+        if name in ("max_chars", "micro_batch_size", "warmup_steps", "keep_last"):
             kind = int
         if name in ("min_lr", "time_limit"):
             kind = float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=value)
+    p.add_argument("--distill", default=defaults.distill, choices=list(DISTILL_MODES),
+                   help="diffusion targets also from the model's own AR head on the clean half (detached): "
+                        "its distribution (soft) or argmax (hard)")
+    p.add_argument("--distill-weight", dest="distill_weight", type=float, default=defaults.distill_weight,
+                   help="W in [0, 1]: diffusion loss = (1 - W) * true-token CE + W * distillation CE")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     p.add_argument("--recipe", default=None, help=f"start from a named recipe {sorted(RECIPES)}; "
                    "explicit options override its values")

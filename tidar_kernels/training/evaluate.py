@@ -1,6 +1,6 @@
 """Evaluate a TiDAR model on held-out text: drafting, AR quality, speed.
 
-``python -m tidar_kernels evaluate MODEL [--baseline MODEL] [--json PATH]``
+``python -m tidar_kernels evaluate MODEL [--baseline MODEL] [--task {heldout,humaneval}] [--json PATH]``
 
 ``MODEL`` is a checkpoint directory of this package (``save_pretrained``, e.g. a
 trainer's ``step_NNNNNN``, or a run directory: its latest checkpoint), a Hugging
@@ -18,6 +18,13 @@ it measures:
 * **tokens/s** of TiDAR and AR decoding on this device (after one untimed warm-up
   pass; batch 1, prefill included). On a CPU a TiDAR step costs several AR steps,
   so no wall-clock gain is expected there.
+
+``--task humaneval`` decodes the HumanEval prompts instead of held-out ones (the
+first ``--limit`` of the 164; :mod:`tidar_kernels.training.humaneval`): the same
+decode figures under ``humaneval``, plus pass@1 of the greedy completions, each
+cut at HumanEval's stop sequences after decoding (generation runs to
+``--new-tokens`` or EOS) and run against its tests in a sandboxed subprocess. The
+baseline gets the same; the table shows ``pass@1 (T/NFE)`` per ``k``.
 
 It prints a table and writes a JSON file with every figure and where it was
 measured (model, data, commit, device, versions, command).
@@ -42,11 +49,13 @@ import torch.nn.functional as F
 
 from . import data as tdata
 from ..kernels.validation import check_positive
+from . import humaneval
 from ..model.generate import ar_generate, tidar_generate
 from ..model.loading import load_model, resolve_run_dir
 from .objective import IGNORE_INDEX, causal_labels
 
 DEFAULT_DRAFT_LENS = (2, 4, 8, 16)
+TASKS = ("heldout", "humaneval")
 WARMUP_TOKENS = 8  # generated per mode before timing
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,11 +92,13 @@ def _mean_accepted(histogram: Sequence[int]) -> float:
 
 @torch.no_grad()
 def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, draft_lens: Sequence[int],
-                   eos_id: Optional[int], device) -> dict:
+                   eos_id: Optional[int], device) -> tuple[dict, dict]:
     """Greedy AR and TiDAR (``beta = 1``) on every prompt: T/NFE, histograms, equality with AR, tokens/s.
 
-    A short untimed warm-up (first prompt, a few tokens, every mode) precedes the
-    timed runs, so one-time costs (allocation, backend selection) are not timed.
+    Returns the figures and the generated tokens of every prompt per mode
+    (``"ar"`` and each ``str(k)``). A short untimed warm-up (first prompt, a few
+    tokens, every mode) precedes the timed runs, so one-time costs (allocation,
+    backend selection) are not timed.
     """
 
     model.eval()
@@ -101,6 +112,7 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
     out = {"tokens_per_forward": {}, "acceptance_histogram": {}, "greedy_equals_ar_by_draft_len": {},
            "tokens_per_second": {"tidar": {}, "ar": ar_tokens / sum(r.wall_time for r in ar_runs)},
            "forwards": {"ar": sum(r.forwards for r in ar_runs)}, "tokens_generated": {"ar": ar_tokens}}
+    sequences = {"ar": [r.sequences()[0] for r in ar_runs]}
     for k in draft_lens:
         runs = [tidar_generate(model, x, new_tokens, k, beta=1.0, eos_token_id=eos_id) for x in ids]
         histogram = _merge_histograms([r.acceptance_histogram for r in runs])
@@ -113,8 +125,36 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
         out["tokens_per_second"]["tidar"][key] = tokens / sum(r.wall_time for r in runs)
         out["forwards"][key] = sum(r.forwards for r in runs)
         out["tokens_generated"][key] = tokens
+        sequences[key] = [r.sequences()[0] for r in runs]
     out["greedy_equals_ar"] = all(out["greedy_equals_ar_by_draft_len"].values())
-    return out
+    return out, sequences
+
+
+def humaneval_figures(model, tokenizer, problems: Sequence[dict], new_tokens: int, draft_lens: Sequence[int],
+                      device) -> dict:
+    """The decode figures on HumanEval prompts and pass@1 of the greedy completions (AR and each ``k``).
+
+    Each completion is decoded, cut at :data:`humaneval.STOP_SEQUENCES` and run
+    once (equal completions share one run). ``pass_at_1`` is that of AR greedy
+    decoding, which exact greedy TiDAR reproduces (``greedy_equals_ar``);
+    ``pass_at_1_by_draft_len`` scores TiDAR's own outputs.
+    """
+    prompts = [tokenizer.encode(p["prompt"]) for p in problems]
+    figures, sequences = decode_figures(model, prompts, new_tokens, draft_lens, tokenizer.eos_id, device)
+    completions = {mode: [humaneval.truncate(tokenizer.decode(seq, skip_special_tokens=True)) for seq in seqs]
+                   for mode, seqs in sequences.items()}
+    pairs = sorted({(i, c) for seqs in completions.values() for i, c in enumerate(seqs)})
+    results = dict(zip(pairs, humaneval.score([problems[i] for i, _ in pairs], [c for _, c in pairs])))
+
+    def pass_at_1(mode: str) -> float:
+        return sum(results[i, c].passed for i, c in enumerate(completions[mode])) / len(problems)
+
+    return {"problems": len(problems), "pass_at_1": pass_at_1("ar"),
+            "pass_at_1_by_draft_len": {str(k): pass_at_1(str(k)) for k in draft_lens}, **figures,
+            "stop_sequences": list(humaneval.STOP_SEQUENCES), "new_tokens": new_tokens,
+            "timeout_seconds": humaneval.TIMEOUT_SECONDS,
+            "results": [{"task_id": p["task_id"], "status": results[i, c].status, "completion": c}
+                        for i, (p, c) in enumerate(zip(problems, completions["ar"]))]}
 
 
 def _git_commit() -> str:
@@ -163,8 +203,12 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
              heldout_fraction: float = 0.05, prompts: int = 4, prompt_len: int = 64, new_tokens: int = 64,
              draft_lens: Sequence[int] = DEFAULT_DRAFT_LENS, ppl_rows: int = 16, ppl_seq_len: int = 256,
              device: Optional[str] = None, dtype: Optional[str] = None, json_path: Optional[str] = None,
-             command: Optional[str] = None) -> dict:
-    """Measure ``model_path`` (and ``baseline_path``) on held-out text; return (and write) the report.
+             command: Optional[str] = None, task: str = "heldout", limit: Optional[int] = None) -> dict:
+    """Measure ``model_path`` (and ``baseline_path``); return (and write) the report.
+
+    ``task``: the prompts of the decode figures, held-out documents (``heldout``)
+    or the first ``limit`` HumanEval problems (``humaneval``, all by default).
+    Perplexity is measured on the held-out text either way.
 
     Every argument is checked before a model is loaded; the JSON file is
     written atomically (temp file + rename) only once every figure exists.
@@ -176,6 +220,13 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
         check_positive(name, value)
     if not draft_lens or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in draft_lens):
         raise ValueError(f"draft_lens must be a non-empty list of integers >= 1, got {list(draft_lens)!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if limit is not None and (task != "humaneval" or isinstance(limit, bool) or not isinstance(limit, int)
+                              or not 1 <= limit <= humaneval.NUM_PROBLEMS):
+        raise ValueError(f"limit must be None or an integer in [1, {humaneval.NUM_PROBLEMS}] with task "
+                         f"'humaneval', got limit={limit!r} with task {task!r}")
+    problems = humaneval.read_problems()[:limit] if task == "humaneval" else None
     if json_path is not None and not Path(json_path).parent.is_dir():
         raise ValueError(f"json_path's directory must exist, got {json_path!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,8 +244,8 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
             raise ValueError(f"baseline {baseline_path!r} must tokenize the held-out text like the model "
                              f"{model_path!r} (the same tokenizer), it does not: perplexities would not compare")
         baseline = baseline.to(dev, torch_dtype).eval()
-    prompt_ids = tdata.held_out_prompts(heldout_ids, prompt_len, prompts)
-    if len(prompt_ids) < prompts:
+    prompt_ids = tdata.held_out_prompts(heldout_ids, prompt_len, prompts) if problems is None else []
+    if problems is None and len(prompt_ids) < prompts:
         raise ValueError(f"prompts={prompts} needs that many held-out documents of >= {2 * prompt_len} tokens, "
                          f"the held-out split has {len(prompt_ids)}; lower prompts or prompt_len")
     packed = tdata.pack_documents(heldout_ids, ppl_seq_len, tokenizer.eos_id)
@@ -208,14 +259,22 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
         loss["baseline"] = heldout_ar_loss(baseline, rows, row_docs)[0] / count
         perplexity["baseline"] = math.exp(loss["baseline"])
         perplexity["relative_change"] = perplexity["model"] / perplexity["baseline"] - 1.0
+        if problems is not None:
+            baseline_humaneval = humaneval_figures(baseline, tokenizer, problems, new_tokens, draft_lens, dev)
         del baseline
-    report.update(decode_figures(model, prompt_ids, new_tokens, draft_lens, tokenizer.eos_id, dev))
+    if problems is None:
+        report.update(decode_figures(model, prompt_ids, new_tokens, draft_lens, tokenizer.eos_id, dev)[0])
+    else:
+        report["humaneval"] = humaneval_figures(model, tokenizer, problems, new_tokens, draft_lens, dev)
+        if baseline_path is not None:
+            report["humaneval"]["baseline"] = baseline_humaneval
     report["ar_perplexity"] = perplexity
     report["ar_loss_nats"] = loss
     report["data"] = {"sources": corpus.sources, "heldout_fraction": heldout_fraction,
                       "heldout_documents": len(corpus.heldout), "perplexity_tokens": count,
                       "perplexity_rows": int(rows.shape[0]), "perplexity_seq_len": ppl_seq_len,
-                      "prompts": len(prompt_ids), "prompt_len": prompt_len, "new_tokens": new_tokens,
+                      "task": task, "prompts": len(prompt_ids) if problems is None else len(problems),
+                      "prompt_len": prompt_len if problems is None else None, "new_tokens": new_tokens,
                       "draft_lens": list(draft_lens)}
     report["device"] = _device_name(dev)
     report["dtype"] = str(torch_dtype).removeprefix("torch.")
@@ -234,25 +293,50 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     return report
 
 
+def _decode_lines(figures: dict) -> list[str]:
+    """T/NFE, tokens/s, equality with AR and acceptance histogram per mode, one line each."""
+    lines = [f"{'mode':<8}{'T/NFE':>8}{'tokens/s':>11}{'== AR':>7}  acceptance histogram (tokens emitted per step)",
+             f"{'AR':<8}{1.0:>8.2f}{figures['tokens_per_second']['ar']:>11.1f}{'':>7}"]
+    for k, tpf in figures["tokens_per_forward"].items():
+        lines.append(f"{'k=' + k:<8}{tpf:>8.2f}{figures['tokens_per_second']['tidar'][k]:>11.1f}"
+                     f"{str(figures['greedy_equals_ar_by_draft_len'][k]):>7}  {figures['acceptance_histogram'][k]}")
+    return lines
+
+
+def _humaneval_lines(report: dict) -> list[str]:
+    """HumanEval as the TiDAR paper's Table 2: ``pass@1 % (T/NFE)`` per draft length, model and baseline."""
+    he = report["humaneval"]
+    rows = [("model", he)] + ([("baseline", he["baseline"])] if "baseline" in he else [])
+    lines = [f"HumanEval: {he['problems']} problems, greedy, {he['new_tokens']} new tokens cut at the stop "
+             f"sequences; pass@1 % (T/NFE)",
+             f"{'':<10}{'AR':>14}" + "".join(f"{'k=' + k:>14}" for k in he["tokens_per_forward"])]
+    for name, figures in rows:
+        cells = [f"{100 * figures['pass_at_1']:.1f} (1.00)"] + [
+            f"{100 * figures['pass_at_1_by_draft_len'][k]:.1f} ({tpf:.2f})"
+            for k, tpf in figures["tokens_per_forward"].items()]
+        lines.append(f"{name:<10}" + "".join(f"{c:>14}" for c in cells))
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The report's figures as a plain-text table."""
+    data = report["data"]
+    figures = report.get("humaneval", report)
+    prompts = f"{data['prompts']} HumanEval prompts" if "humaneval" in report else f"{data['prompts']} prompts"
     lines = [f"model: {report['model']['path']}" + (f"   baseline: {report['baseline']['path']}"
                                                   if "baseline" in report else ""),
-             f"device: {report['device']} ({report['dtype']}); held-out: {report['data']['prompts']} prompts x "
-             f"{report['data']['new_tokens']} new tokens, perplexity on {report['data']['perplexity_tokens']} tokens",
-             "",
-             f"{'mode':<8}{'T/NFE':>8}{'tokens/s':>11}{'== AR':>7}  acceptance histogram (tokens emitted per step)"]
-    lines.append(f"{'AR':<8}{1.0:>8.2f}{report['tokens_per_second']['ar']:>11.1f}{'':>7}")
-    for k, tpf in report["tokens_per_forward"].items():
-        lines.append(f"{'k=' + k:<8}{tpf:>8.2f}{report['tokens_per_second']['tidar'][k]:>11.1f}"
-                     f"{str(report['greedy_equals_ar_by_draft_len'][k]):>7}  {report['acceptance_histogram'][k]}")
+             f"device: {report['device']} ({report['dtype']}); decoded: {prompts} x {data['new_tokens']} new "
+             f"tokens, perplexity on {data['perplexity_tokens']} held-out tokens",
+             "", *_decode_lines(figures)]
+    if "humaneval" in report:
+        lines += ["", *_humaneval_lines(report)]
     ppl = report["ar_perplexity"]
     lines.append("")
     line = f"AR perplexity: model {ppl['model']:.3f}"
     if "baseline" in ppl:
         line += f", baseline {ppl['baseline']:.3f} ({100 * ppl['relative_change']:+.1f} %)"
     lines.append(line)
-    lines.append(f"greedy TiDAR == AR greedy on every prompt and k: {report['greedy_equals_ar']}")
+    lines.append(f"greedy TiDAR == AR greedy on every prompt and k: {figures['greedy_equals_ar']}")
     return "\n".join(lines)
 
 
@@ -265,13 +349,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="must match the training run's")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded")
     p.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="tokens generated per prompt (HumanEval: generated in full, then cut at the stop sequences)")
     p.add_argument("--draft-lens", type=int, nargs="+", default=list(DEFAULT_DRAFT_LENS), help="TiDAR k values")
     p.add_argument("--ppl-rows", type=int, default=16, help="held-out rows for perplexity")
     p.add_argument("--ppl-seq-len", type=int, default=256, help="tokens per perplexity row")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--task", default="heldout", choices=list(TASKS),
+                   help="prompts of the decode figures: held-out documents, or HumanEval (adds pass@1)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="--task humaneval: the first N problems (default all 164)")
     p.add_argument("--json", dest="json_path", default=None, help="write the report here")
     args = vars(p.parse_args(argv))
     command = shlex.join(["python", "-m", "tidar_kernels", "evaluate"] + list(sys.argv[1:] if argv is None else argv))

@@ -11,6 +11,12 @@ and labels and computes the loss:
 * mask position ``i`` predicts ``x_i`` (same position): the diffusion loss;
 * ``L = (alpha * mean CE_AR + mean CE_diff) / (1 + alpha)``.
 
+Self-distillation (:func:`distill_loss`) replaces part of the diffusion target
+by the model's own AR prediction from the clean half of the same forward:
+``CE_diff`` becomes ``(1 - W) * CE_true + W * CE_distill``. Mask row ``i``
+predicts ``x_i``, and so does clean row ``i - 1`` (it predicts the next token),
+so clean row ``i - 1``'s logits (detached) are the teacher of mask row ``i``.
+
 Positions without a label carry :data:`IGNORE_INDEX`, which is negative and so
 never a token id. A label is dropped when its target is padding, or when the
 last clean token the predicting position sees belongs to another document than
@@ -30,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.mask import check_training_shape
+
+DISTILL_MODES = ("none", "soft", "hard")
+"""Self-distillation targets: none, the AR distribution (soft) or its argmax (hard)."""
 
 IGNORE_INDEX = -100
 """Label of a position that has no target (padding, document boundary, last clean token)."""
@@ -52,7 +61,8 @@ class TiDARLoss:
 
     total: torch.Tensor
     ar: torch.Tensor
-    diffusion: torch.Tensor
+    diffusion: torch.Tensor  # the true-token diffusion loss
+    distill: Optional[torch.Tensor] = None  # the self-distillation term, when distilling
 
 
 def build_training_batch(tokens: torch.Tensor, mask_token_id: int, block_size: int,
@@ -105,8 +115,45 @@ def label_counts(labels: torch.Tensor) -> tuple[int, int]:
     return int(valid[:, :half].sum()), int(valid[:, half:].sum())
 
 
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, mode: str,
+                 diffusion_tokens: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of the mask rows to the model's own detached AR prediction of the same token.
+
+    ``logits [batch, 2S, vocab]`` and ``labels [batch, 2S]`` as in
+    :func:`tidar_loss`. The teacher of mask row ``i`` (target ``x_i``) is clean
+    row ``i - 1`` (AR prediction of ``x_i``): ``soft`` targets its softmax,
+    ``hard`` its argmax, both without gradient. Mask rows without a teacher
+    (row 0, whose token no clean row predicts, and rows whose teacher's label
+    crosses a document boundary) keep the true token. Summed over the labelled
+    mask rows and divided by ``diffusion_tokens`` (default: their count), like
+    the diffusion loss, so a perfect AR head with ``hard`` gives that loss exactly.
+    """
+    if mode not in DISTILL_MODES[1:]:
+        raise ValueError(f"distill must be one of {list(DISTILL_MODES[1:])} here, got {mode!r}")
+    half = labels.shape[1] // 2
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    student, truth = logits[:, half:], labels[:, half:]
+    teacher = logits[:, :half - 1].detach()  # clean row i - 1 teaches mask row i, i >= 1
+    has_teacher = torch.zeros_like(truth, dtype=torch.bool)
+    has_teacher[:, 1:] = labels[:, :half - 1] != IGNORE_INDEX
+    has_teacher &= truth != IGNORE_INDEX
+    true_ce = F.cross_entropy(student.flatten(0, 1), truth.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction="none").view(truth.shape)
+    rows = student[:, 1:]
+    if mode == "hard":
+        teacher_ce = F.cross_entropy(rows.flatten(0, 1), teacher.argmax(-1).flatten(),
+                                     reduction="none").view(teacher.shape[:2])
+    else:
+        teacher_ce = -(teacher.softmax(-1) * rows.log_softmax(-1)).sum(-1)
+    ce = true_ce.clone()
+    ce[:, 1:] = torch.where(has_teacher[:, 1:], teacher_ce, true_ce[:, 1:])
+    count = int((truth != IGNORE_INDEX).sum()) if diffusion_tokens is None else diffusion_tokens
+    return ce.sum() / max(count, 1)
+
+
 def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
-               ar_tokens: Optional[int] = None, diffusion_tokens: Optional[int] = None) -> TiDARLoss:
+               ar_tokens: Optional[int] = None, diffusion_tokens: Optional[int] = None,
+               distill: str = "none", distill_weight: float = 0.0) -> TiDARLoss:
     """``(alpha * mean CE_AR + mean CE_diff) / (1 + alpha)`` over the labelled positions.
 
     ``logits [batch, 2S, vocab]``, ``labels [batch, 2S]`` from
@@ -115,12 +162,19 @@ def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
     label counts. A trainer splitting one global batch over micro-batches and
     processes passes the global counts instead, so the summed losses equal the
     loss of the whole batch exactly. A half without labels contributes 0.
+
+    ``distill`` ``soft``/``hard``: ``CE_diff = (1 - distill_weight) * true +
+    distill_weight * distill`` with :func:`distill_loss`'s term (same counts).
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape or labels.shape[1] % 2:
         raise ValueError(f"logits must be [batch, 2S, vocab] matching labels [batch, 2S], got logits "
                          f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if distill not in DISTILL_MODES:
+        raise ValueError(f"distill must be one of {list(DISTILL_MODES)}, got {distill!r}")
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must lie in [0, 1], got {distill_weight}")
     half = labels.shape[1] // 2
     local_ar, local_diff = label_counts(labels)
     ar_tokens = local_ar if ar_tokens is None else ar_tokens
@@ -130,8 +184,10 @@ def tidar_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
                          reduction="none").view(labels.shape)
     ar = ce[:, :half].sum() / max(ar_tokens, 1)
     diffusion = ce[:, half:].sum() / max(diffusion_tokens, 1)
-    total = (alpha * ar + diffusion) / (1.0 + alpha)
-    return TiDARLoss(total=total, ar=ar, diffusion=diffusion)
+    distilled = None if distill == "none" else distill_loss(logits, labels, distill, diffusion_tokens)
+    mixed = diffusion if distilled is None else (1.0 - distill_weight) * diffusion + distill_weight * distilled
+    total = (alpha * ar + mixed) / (1.0 + alpha)
+    return TiDARLoss(total=total, ar=ar, diffusion=diffusion, distill=distilled)
 
 
 def causal_labels(tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

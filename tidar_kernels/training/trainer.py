@@ -21,6 +21,8 @@ moments and RNG states) and ``trainer_state.json`` (step, training arguments,
 scheduler and data positions), so ``--resume`` continues bit-identically on CPU.
 A checkpoint is written into a temporary directory and renamed into place: a
 failure never leaves a partial checkpoint behind. ``OUT/latest`` names the last one.
+``--keep-last N`` deletes all but the newest N step directories after each save
+(once ``latest`` names the new one; never the one it names).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from .objective import build_training_batch, label_counts, tidar_loss
 class TrainResult:
     model: nn.Module
     tokenizer: TextTokenizer
-    history: list  # one dict per optimizer step: step, loss, ar, diffusion, lr
+    history: list  # one dict per optimizer step: step, loss, ar, diffusion (true tokens), lr; distill if on
     evaluation: dict  # the last evaluation (see :func:`evaluate`)
     checkpoint: Optional[Path]  # the last checkpoint written, if any
     datasets: "Datasets"
@@ -231,7 +233,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     """Run (or resume) training; returns the trained model, history and last evaluation.
 
     With ``resume`` the run's arguments come from the checkpoint, except
-    ``steps``, ``out_dir``, ``save_every``, ``eval_every``, ``progress``,
+    ``steps``, ``out_dir``, ``save_every``, ``keep_last``, ``eval_every``, ``progress``,
     ``device``, ``time_limit`` and ``fsdp``, which are taken from ``args`` (so a
     run can be extended; the cosine schedule then follows the new ``steps``), and
     ``budget_minutes``, which a resumed run does not have (its steps are given).
@@ -251,6 +253,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
         state = json.loads((ckpt / STATE_JSON).read_text())
         saved = TrainArgs(**state["args"])
         args = dataclasses.replace(saved, steps=args.steps, out_dir=args.out_dir, save_every=args.save_every,
+                                   keep_last=args.keep_last,
                                    eval_every=args.eval_every, progress=args.progress, device=args.device,
                                    time_limit=args.time_limit, fsdp=args.fsdp,
                                    budget_minutes=None)  # the saved run's budget was spent planning its steps
@@ -315,24 +318,27 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                                         datasets.train.doc_ids[r]) for r in rows]
         local = [sum(c) for c in zip(*(label_counts(b.labels) for b in batches))]
         ar_tokens, diff_tokens = (int(n) for n in dist_.all_sum(local))
-        sums = [0.0, 0.0, 0.0]
+        sums = [0.0, 0.0, 0.0, 0.0]
         for index, batch in enumerate(batches):
             sync = index == accum - 1 or not dist_.enabled
             if args.fsdp:  # gradients reduce-scattered on the last micro-batch only
                 forward.set_requires_gradient_sync(sync)
             with (contextlib.nullcontext() if sync or args.fsdp else forward.no_sync()), autocast:
                 logits = forward(batch.input_ids.to(dist_.device))
-                loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens)
+                loss = tidar_loss(logits, batch.labels.to(dist_.device), args.alpha, ar_tokens, diff_tokens,
+                                  args.distill, args.distill_weight)
             (loss.total * world).backward()
-            sums = [s + float(x.detach()) for s, x in zip(sums, (loss.total, loss.ar, loss.diffusion))]
+            parts = (loss.total, loss.ar, loss.diffusion, loss.diffusion if loss.distill is None else loss.distill)
+            sums = [s + float(x.detach()) for s, x in zip(sums, parts)]
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        total, ar, diff = dist_.all_sum(sums)
-        history.append({"step": step + 1, "loss": total, "ar": ar, "diffusion": diff, "lr": lr})
+        total, ar, diff, distilled = dist_.all_sum(sums)
+        history.append({"step": step + 1, "loss": total, "ar": ar, "diffusion": diff, "lr": lr,
+                        **({"distill": distilled} if args.distill != "none" else {})})
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         bar.set_postfix(loss=f"{total:.3f}", ar=f"{ar:.3f}", diff=f"{diff:.3f}",
@@ -369,7 +375,8 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             if dist_.main:
                 try:
                     checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
-                                                 args, evaluation or None, history, model_state, optimizer_state)
+                                                 args, evaluation or None, history, model_state, optimizer_state,
+                                                 keep_last=args.keep_last)
                 except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
                     failure = error
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
