@@ -36,6 +36,8 @@
 #   ATTENTION_S                120     70   (flex compiles once per shape, ~5-20 s)
 #   DECODE_S                   120     45
 #   SLOTS_S                     90     30
+#   NEMOTRON_S                 120     60   (only with TIDAR_NEMOTRON_DIR: bench/decode.py --model on
+#                                            that diffusion checkpoint, its spec LoRA if present)
 # The time estimates come from the test counts and shapes; no GPU has run this yet. Each run
 # prints the 25 slowest tests (logs/*.log) to size the next one.
 #
@@ -53,7 +55,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(build tests-triton tests-cuda sanitizer attention decode token_slots)
+ALL_STAGES=(build tests-triton tests-cuda sanitizer attention decode token_slots nemotron)
 usage() {
   echo "usage: bash bench/run_gpu_suite.sh [--dry-run] [--budget S] OUT_ROOT [full|quick] [${ALL_STAGES[*]} ...]" >&2
   exit 2
@@ -76,8 +78,9 @@ MODE=full
 case "${1:-}" in full|quick) MODE=$1; shift ;; esac
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
-  STAGES=("${ALL_STAGES[@]}")
+  STAGES=(build tests-triton tests-cuda sanitizer attention decode token_slots)
   [ "$MODE" = quick ] && STAGES=(build tests-triton tests-cuda attention decode token_slots)
+  [ -n "${TIDAR_NEMOTRON_DIR:-}" ] && STAGES+=(nemotron)  # a local diffusion checkpoint to decode
 fi
 for s in "${STAGES[@]}"; do
   case " ${ALL_STAGES[*]} " in
@@ -93,11 +96,11 @@ RESERVE_S=15  # a killed stage's grace (timeout --kill-after=10) and the archive
 if [ "$MODE" = quick ]; then
   BUDGET_S=${BUDGET_S:-240} BUILD_S=${BUILD_S:-150} TRITON_TESTS_S=${TRITON_TESTS_S:-120}
   CUDA_TESTS_S=${CUDA_TESTS_S:-75} SANITIZER_S=${SANITIZER_S:-60} ATTENTION_S=${ATTENTION_S:-70}
-  DECODE_S=${DECODE_S:-45} SLOTS_S=${SLOTS_S:-30}
+  DECODE_S=${DECODE_S:-45} SLOTS_S=${SLOTS_S:-30} NEMOTRON_S=${NEMOTRON_S:-60}
 else
   BUDGET_S=${BUDGET_S:-480} BUILD_S=${BUILD_S:-180} TRITON_TESTS_S=${TRITON_TESTS_S:-240}
   CUDA_TESTS_S=${CUDA_TESTS_S:-120} SANITIZER_S=${SANITIZER_S:-90} ATTENTION_S=${ATTENTION_S:-120}
-  DECODE_S=${DECODE_S:-120} SLOTS_S=${SLOTS_S:-90}
+  DECODE_S=${DECODE_S:-120} SLOTS_S=${SLOTS_S:-90} NEMOTRON_S=${NEMOTRON_S:-120}
 fi
 case $BUDGET_S in
   ''|*[!0-9]*) echo "--budget wants whole seconds, got '$BUDGET_S'" >&2; usage ;;
@@ -145,6 +148,7 @@ stage_command() {  # stage_command NAME CAP: set LIMIT (the stage's, at most CAP
     attention) own=$ATTENTION_S ;;
     decode) own=$DECODE_S ;;
     token_slots) own=$SLOTS_S ;;
+    nemotron) own=$NEMOTRON_S ;;
   esac
   LIMIT=$((own < $2 ? own : $2))
   case $1 in
@@ -180,6 +184,13 @@ stage_command() {  # stage_command NAME CAP: set LIMIT (the stage's, at most CAP
       else
         CMD=("$PY" bench/token_slots.py --models qwen2.5-1.5b,qwen3-8b --batches 1,4 --cache-lens 4096
              --out "$OUT_ROOT" --max-seconds $((LIMIT > 30 ? (LIMIT - 30) / 2 : 0)))
+      fi ;;
+    nemotron)  # AR, quadratic B = 4/8/16/32 and linear spec, batch 1 and 8, on the real weights
+      [ -n "${TIDAR_NEMOTRON_DIR:-}" ] || { echo "the nemotron stage needs TIDAR_NEMOTRON_DIR" >&2; exit 2; }
+      CMD=("$PY" bench/decode.py --model "$TIDAR_NEMOTRON_DIR" --draft-lens 4,8 --repeats 1 --new-tokens 64
+           --out "$OUT_ROOT")
+      if [ -d "$TIDAR_NEMOTRON_DIR/linear_spec_lora" ]; then
+        CMD+=(--spec-lora "$TIDAR_NEMOTRON_DIR/linear_spec_lora")
       fi ;;
   esac
 }

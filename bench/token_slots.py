@@ -51,7 +51,7 @@ from bench import common
 from tidar_kernels.kernels import ops, roofline
 from tidar_kernels.model.kv_cache import KVCache
 from tidar_kernels.kernels.mask import Layout
-from tidar_kernels.model.transformer import CONFIGS, AttentionContext, TransformerConfig
+from tidar_kernels.model.transformer import CONFIGS, AttentionContext, TransformerConfig, rotary_tables
 
 FLAT_TOLERANCE = 1.1  # latency within 10% of the single-token forward counts as flat
 DEFAULT_LAYERS = {"qwen3-32b": 16}  # fewer layers, scaled to the full depth (module docstring)
@@ -93,6 +93,8 @@ class Forward:
         self.ids = torch.randint(0, config.vocab_size, (batch, tokens), device=device, generator=gen)
         self.positions = (cache_len + torch.arange(tokens, device=device)).expand(batch, tokens).contiguous()
         self.context = AttentionContext(Layout.CAUSAL, cache=cache)
+        # The layer-level pieces take the RoPE tables the model builds once per forward.
+        self.rope = rotary_tables(config, self.positions, model.dtype)
         self.hidden = torch.randn(batch, tokens, config.dim, device=device, dtype=model.dtype, generator=gen)
         self.q = torch.randn(batch, tokens, config.n_heads, config.head_dim, device=device, dtype=model.dtype,
                              generator=gen)
@@ -103,10 +105,10 @@ class Forward:
         return self.model.lm_head(self.model(self.ids, self.positions, self.context))
 
     def layer(self):
-        return self.model.layers[0](self.hidden, self.positions, self.context)
+        return self.model.layers[0](self.hidden, self.rope, self.context)
 
     def attention(self):
-        return self.model.layers[0].attention(self.hidden, self.positions, self.context)
+        return self.model.layers[0].attention(self.hidden, self.rope, self.context)
 
     def attention_op(self):
         return ops.append_attention(self.q, self.kv, self.kv, self.cache.k[0], self.cache.v[0], self.cache.seqlens,

@@ -231,26 +231,18 @@ def test_cli_modes(tmp_path, capsys, monkeypatch):
             main(["--model", str(tmp_path), "--prompt", "w1", *bad])
 
 
-def test_bench_decode_model_dir_smoke(tmp_path, monkeypatch):
-    """``bench/decode.py --smoke --model DIR --prompt TEXT --spec-lora DIR``: AR, quadratic and linear rows."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
+def test_bench_decode_model_dir_smoke(tmp_path):
+    """``bench/decode.py --smoke --model DIR --prompt TEXT --spec-lora DIR`` on a diffusion checkpoint in the
+    released layout: AR, quadratic and linear rows."""
+    from helpers.nemotron import nemotron_config, write_nemotron
 
     from bench import common, decode
-    from tidar_kernels.model import checkpoints
 
-    model = tiny_model(0, vocab_size=97)
-    checkpoints.save_pretrained(model, tmp_path / "ckpt")
-    vocab = {f"w{i}": i for i in range(95)} | {"<|endoftext|>": 95}
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(tmp_path / "ckpt" / "tokenizer.json"))
-    monkeypatch.setattr(checkpoints, "load_spec_lora", lambda path, *placement: random_lora(model, targets=("o_proj",)))
+    directory = write_nemotron(tmp_path / "ckpt", nemotron_config())
     threads = torch.get_num_threads()
     try:
-        decode.main(["--smoke", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "ckpt"),
-                     "--prompt", "w1 w2 w3", "--spec-lora", str(tmp_path / "ckpt")])
+        decode.main(["--smoke", "--out", str(tmp_path / "out"), "--model", str(directory),
+                     "--prompt", "w1 w2 w3", "--spec-lora", str(directory / "linear_spec_lora")])
     finally:
         torch.set_num_threads(threads)
     _, rows = common.read_csv(tmp_path / "out" / common.SMOKE_DEVICE / "decode_self_spec.csv")
