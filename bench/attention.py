@@ -588,9 +588,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> Path:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--refcheck", action="store_true",
                         help="compare each implementation with the reference on the first shape of each mode")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["decode", "train-fwd", "train-fwdbwd"])

@@ -46,13 +46,17 @@ SMOKE_BANNER = "SMOKE RUN on CPU: tiny shapes, timings are a functionality check
 # ----------------------------------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """``--smoke`` and ``--out``, shared by every script."""
+def argument_parser(script_doc: str) -> argparse.ArgumentParser:
+    """A script's parser: the first paragraph of its docstring as the description, ``--smoke`` and
+    ``--out`` (shared by every script)."""
+    parser = argparse.ArgumentParser(description=script_doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU in seconds (CI check); timings are not results")
     parser.add_argument("--out", type=Path, default=None,
                         help="output root (default: bench/results, or a temporary directory with --smoke); "
                              "files go to <out>/<device>/")
+    return parser
 
 
 def bench_device(smoke: bool) -> torch.device:

@@ -237,9 +237,7 @@ def measure_model(name: str, model, args, figures=None) -> tuple[list[dict], lis
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--models", type=lambda text: text.split(","), default=["qwen2.5-1.5b", "qwen3-8b"],
                         help="TransformerConfig names (random weights), comma-separated")
     parser.add_argument("--batch", type=int, default=1)

@@ -213,9 +213,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path, meta: dict) -> Path:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--models", type=lambda s: s.split(","), default=["qwen2.5-1.5b", "qwen3-8b", "qwen3-32b"])
     parser.add_argument("--layers", type=int, default=None,
                         help="run this many decoder layers and scale to the full depth "

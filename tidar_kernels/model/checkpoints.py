@@ -78,16 +78,20 @@ def save_pretrained(model: Transformer, directory, state: Optional[dict] = None)
         raise
 
 
+def read_config_json(directory: Path, holds: str) -> dict:
+    """``directory``'s ``config.json``; a ``ValueError`` saying it must hold ``holds`` when it is missing."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"directory must hold {holds}, got {str(directory)!r} without {CONFIG_FILE}")
+    return json.loads(config_path.read_text())
+
+
 def load_pretrained(directory, device=None, dtype: torch.dtype = torch.float32) -> Transformer:
     """Load a checkpoint written by :func:`save_pretrained`."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"directory must hold {CONFIG_FILE} and {WEIGHTS_FILE} from save_pretrained, "
-                         f"got {str(directory)!r} without {CONFIG_FILE}")
-    meta = json.loads(config_path.read_text())
+    meta = read_config_json(directory, f"{CONFIG_FILE} and {WEIGHTS_FILE} from save_pretrained")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path} must be a {FORMAT!r} config (use load_hf for Hugging Face "
+        raise ValueError(f"{directory / CONFIG_FILE} must be a {FORMAT!r} config (use load_hf for Hugging Face "
                          f"directories), got format {meta.get('format')!r}")
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -339,11 +343,7 @@ def diffusion_to_hf_name(name: str) -> str:
 def read_hf_config(directory) -> dict:
     """``config.json`` of a Hugging Face directory, refusing our own format."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"directory must hold config.json and *.safetensors (a Hugging Face model), "
-                         f"got {str(directory)!r} without config.json")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_config_json(directory, "config.json and *.safetensors (a Hugging Face model)")
     if hf_config.get("format") == FORMAT:
         raise ValueError(f"{str(directory)!r} is a {FORMAT} checkpoint: use load_pretrained")
     return hf_config
