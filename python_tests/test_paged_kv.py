@@ -314,15 +314,15 @@ def test_torch_compile_fullgraph_over_a_paged_step():
 def test_which_backends_take_paged_calls():
     call = backends.Call(backends.CACHED_ATTENTION, torch.device("cpu"), torch.float32, 16, int(Layout.DECODE),
                          paged=True)
-    assert backends.select(call, None).name == "reference"
-    assert "reference" in PAGED_BACKENDS and ("triton" in PAGED_BACKENDS) == INTERPRET
+    assert backends.select(call, None).name == "cpu"  # the CPU decode path, automatic on CPU tensors
+    assert {"reference", "cpu"} <= set(PAGED_BACKENDS) and ("triton" in PAGED_BACKENDS) == INTERPRET
     kernel_call = call._replace(dtype=torch.float16, head_dim=128)
     assert kernels_support(kernel_call)  # the CUDA kernel reads and writes through the table (cuda, cuda_emulated)
     assert not kernels_support(kernel_call._replace(layout=int(Layout.CAUSAL)))  # the decode step only
     emulated = backends.load("cuda_emulated")
     if emulated is not None:
         assert backends.select(kernel_call, "cuda_emulated") is emulated
-        assert backends.select(kernel_call, None).name == "reference"  # never picked automatically
+        assert backends.select(kernel_call, None).name == "cpu"  # the emulated kernels: never picked automatically
 
 
 # ----------------------------------------------------------------------------

@@ -182,8 +182,12 @@ def test_torch_compile_fullgraph_over_public_ops():
 
 def test_backend_selection(monkeypatch):
     call = backends.Call(backends.CACHED_ATTENTION, torch.device("cpu"), torch.float32, 16, 3)
-    assert backends.select(call, None).name == "reference"
+    assert backends.select(call, None).name == "cpu"  # the CPU decode path serves the cached op
+    training = call._replace(op=backends.ATTENTION, layout=1)
+    assert backends.select(training, None).name == "reference"  # and nothing else
     monkeypatch.setenv(backends.ENV_VAR, "cuda")  # a preference: falls back when it cannot serve the call
+    assert backends.select(call, None).name == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert backends.select(call, None).name == "reference"
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="TIDAR_BACKEND"):

@@ -126,7 +126,7 @@ def test_draft_block_reads_cache_and_writes_nothing(paged):
     assert cache.seqlens.tolist() == [prompt_len, prompt_len - 2]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("block", [1, 4, 32])
 def test_block_attention_op(backend, block):
     """Bidirectional over the cache and the whole block, against a dense computation; no write."""

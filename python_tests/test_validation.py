@@ -104,7 +104,8 @@ def test_accept_drafts_rejects_bad_input_and_keeps_lengths():
 # ----------------------------------------------------------------------------
 
 # (dtype, head_dim) each backend takes on the CPU: the emulated CUDA kernels need fp16/bf16 at 64 or 128.
-CPU_SETUPS = {"reference": (torch.float32, 8), "triton": (torch.float32, 16), "cuda_emulated": (torch.float16, 64)}
+CPU_SETUPS = {"reference": (torch.float32, 8), "cpu": (torch.float32, 8), "triton": (torch.float32, 16),
+              "cuda_emulated": (torch.float16, 64)}
 
 
 def _cpu_backend(name):

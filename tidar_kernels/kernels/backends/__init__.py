@@ -6,11 +6,11 @@ in :mod:`tidar_kernels.kernels.ops` validate their inputs, then call :func:`sele
 per call: the ``backend=`` argument (strict: an unsupported call is an error) >
 the ``TIDAR_BACKEND`` environment variable (a preference: falls back when that
 backend does not support the call) > the first supporting backend in
-:data:`PREFERENCE` ("cuda", "triton", "reference") among those picked
+:data:`PREFERENCE` ("cuda", "triton", "cpu", "reference") among those picked
 automatically on the call's device (:attr:`Backend.automatic_on`). On CPU
-tensors that is the reference alone (the Triton interpreter must be named); the
-CUDA backend is not picked automatically until it has been validated and timed
-on a GPU.
+tensors that is the CPU decode path for the cached op and the reference for the
+rest (the Triton interpreter must be named); the CUDA backend is not picked
+automatically until it has been validated and timed on a GPU.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-PREFERENCE = ("cuda", "triton", "reference", "cuda_emulated")  # cuda_emulated: only when named
+PREFERENCE = ("cuda", "triton", "cpu", "reference", "cuda_emulated")  # cuda_emulated: only when named
 ENV_VAR = "TIDAR_BACKEND"
 
 # op names a backend may implement
@@ -76,7 +76,7 @@ def register_attention_autograd(forward_op, backward_op) -> None:
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-_MODULES = {"reference": ".reference_ops", "triton": ".triton_ops", "cuda": ".cuda_ops",
+_MODULES = {"reference": ".reference_ops", "cpu": ".cpu_ops", "triton": ".triton_ops", "cuda": ".cuda_ops",
             "cuda_emulated": ".cuda_emulated_ops"}
 
 

@@ -163,13 +163,20 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_l
     keys = torch.cat([gather_cache(k_cache, cache_seqlens, block_table, span), k_new.to(k_cache.dtype)], dim=1)
     values = torch.cat([gather_cache(v_cache, cache_seqlens, block_table, span), v_new.to(v_cache.dtype)], dim=1)
     out, _ = masked_attention(q, keys, values, allowed, scale)
-    written = tidar_mask.rows_written_to_cache(layout, num_rows, block_size)
-    positions = cache_seqlens.long()[:, None] + torch.arange(written, device=q.device)  # [B, W]
+    write_clean_rows(k_new, v_new, k_cache, v_cache, cache_seqlens, layout, block_size, block_table)
+    return out.to(q.dtype).contiguous()
+
+
+def write_clean_rows(k_new, v_new, k_cache, v_cache, cache_seqlens, layout: Layout, block_size: int,
+                     block_table=None) -> None:
+    """Write the clean step rows' K/V (:func:`~tidar_kernels.kernels.mask.rows_written_to_cache`) into
+    the caches at ``[n_b, n_b + W)``, in place; a row past the capacity raises, never wraps."""
+    written = tidar_mask.rows_written_to_cache(layout, k_new.shape[1], block_size)
+    positions = cache_seqlens.long()[:, None] + torch.arange(written, device=k_new.device)  # [B, W]
     outer, inner, exists = cache_locations(positions, k_cache, block_table)
     outer = torch.where(exists, outer, k_cache.shape[0])  # a missing row: out of range, raises, never wraps
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         cache.index_put_((outer, inner), new[:, :written].to(cache.dtype))
-    return out.to(q.dtype).contiguous()
 
 
 def accept_drafts(drafts, draft_logits, block_logits, cache_seqlens, active, beta: float):
