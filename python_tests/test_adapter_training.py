@@ -276,18 +276,35 @@ def test_bad_adapter_arguments_are_named(kw, match, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# torchrun: 2 gloo processes (DDP) train the adapter like 1 process
+# FSDP2 and torchrun: 2 gloo processes (DDP, FSDP2) train the adapter like 1 process
 # ----------------------------------------------------------------------------
 
 
-def test_torchrun_ddp_adapter_matches_one_process(base_run, tmp_path):
+def test_one_process_fsdp_adapter_run_matches_the_plain_run(base_run, tmp_path):
+    """FSDP2 with frozen base parameters and trainable adapters in the same blocks: the plain run's numbers."""
+    import torch.distributed as dist
+    args = adapter_args(base_run / "step_000002", steps=3)
+    plain = train(dataclasses.replace(args, out_dir=str(tmp_path / "plain")))
+    sharded = train(dataclasses.replace(args, fsdp=True, out_dir=str(tmp_path / "fsdp")))
+    assert not dist.is_initialized()
+    assert [h["loss"] for h in sharded.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-6)
+    assert sharded.evaluation["heldout_ar_loss"] == pytest.approx(plain.evaluation["heldout_ar_loss"], rel=1e-6)
+    w1, w2 = (load_file(str(tmp_path / n / "step_000003" / "adapter_model.safetensors")) for n in ("plain", "fsdp"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_train_the_adapter_like_one(mode, base_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cli = ["--init", str(base_run / "step_000002"), "--adapter", "lora", "--adapter-rank", "4", "--lr", "0.03",
            "--max-chars", "100000", "--seq-len", "32", "--block-size", "4", "--batch-size", "8", "--steps", "3",
            "--eval-rows", "2", "--eval-prompts", "1", "--eval-prompt-len", "8", "--eval-new-tokens", "4",
            "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run(torchrun + ["-m", "tidar_kernels", "train", *cli, "--micro-batch-size", "2", "--out",
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    two = subprocess.run(torchrun + ["-m", "tidar_kernels", "train", *cli, *extra, "--micro-batch-size", "2", "--out",
                                      str(tmp_path / "two")], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
