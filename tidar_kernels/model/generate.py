@@ -709,7 +709,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="the block length B (quadratic: the draft length k); default --draft-len")
     parser.add_argument("--spec-lora", default=None, metavar="DIR",
                         help="a linear_spec_lora/ directory: its adapter runs on the mask rows (quadratic) "
-                             "or in the draft forward (linear)")
+                             "or in the draft forward (linear); the adapter of an adapter run (--model) runs "
+                             "there too")
     parser.add_argument("--beta", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -743,12 +744,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   eos_token_id=tokenizer.stop_ids, sync_every=1)
     if args.mode == "linear":
-        spec_lora = "draft" if args.spec_lora is not None else None
+        spec_lora = "draft" if adapters_of(model) else None
         runs = [("linear", lambda **kw: linear_spec_generate(
             model, input_ids, args.max_new_tokens, block_len, eos_token_id=tokenizer.stop_ids, sync_every=1,
             spec_lora=spec_lora, **kw))]
     else:
-        spec_lora = "mask_rows" if args.spec_lora is not None else None
+        spec_lora = "mask_rows" if adapters_of(model) else None
         runs = [("TiDAR", lambda **kw: tidar_generate(model, input_ids, args.max_new_tokens, block_len,
                                                         beta=args.beta, spec_lora=spec_lora, **common, **kw))]
     if args.ar:

@@ -7,7 +7,11 @@ Sources, all offline:
 * a Hugging Face model directory (``config.json`` + ``*.safetensors``, sharded or not), including the
   diffusion checkpoints (``model_type: nemotron_labs_diffusion``, docs/nemotron.md), whose mask and EOS
   ids come from their config and ``generation_config.json``;
-* a trainer run directory: the checkpoint its ``latest`` file names.
+* a trainer run directory: the checkpoint its ``latest`` file names;
+* a checkpoint of an adapter run (``train --adapter lora``: PEFT files and the base's record,
+  :func:`~tidar_kernels.model.checkpoints.save_adapter`): its base, loaded from the recorded source
+  and checked against the recorded fingerprint, with the adapter attached (it runs only where a
+  forward switches it on: the mask rows, ``spec_lora="mask_rows"`` of ``tidar_generate``).
 
 The generation command line, the trainer (``--init``), the evaluation harness and the
 Hugging Face integration all load through here.
@@ -48,6 +52,8 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
     token and a tokenizer without an end-of-text token (``tokenizer.eos_id`` is then None).
     """
     source = resolve_run_dir(str(source))
+    if source != SMOLLM2 and checkpoints.adapter_record(source) is not None:
+        return _load_adapter_run(Path(source), device, dtype, require_mask_token)
     if source == SMOLLM2:
         model, hf_tokenizer = checkpoints.load_smollm2(device, dtype)
         tokenizer = TextTokenizer.from_tokenizer(hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token)
@@ -78,6 +84,35 @@ def load_model(source: str, device=None, dtype: torch.dtype = torch.float32,
         raise ValueError(f"tokenizer's mask token id {tokenizer.mask_id} must equal the model's "
                          f"config.mask_token_id {model.config.mask_token_id} (checkpoint {source!r})")
     return model, tokenizer
+
+
+def _load_adapter_run(directory: Path, device, dtype: torch.dtype,
+                      require_mask_token: bool) -> tuple[Transformer, TextTokenizer]:
+    """An adapter checkpoint: its recorded base (in float32 for the fingerprint), the adapter attached."""
+    base = checkpoints.adapter_record(directory)["base"]["source"]
+    if base != SMOLLM2 and checkpoints.adapter_record(resolve_run_dir(base)) is not None:
+        raise ValueError(f"adapter {str(directory)!r} names another adapter {base!r} as its base")
+    model, tokenizer = load_model(base, device, torch.float32, require_mask_token)
+    checkpoints.attach_trained_adapter(model, directory)
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = TextTokenizer.load(directory)
+    if tokenizer.mask_id != model.config.mask_token_id:
+        raise ValueError(f"tokenizer's mask token id {tokenizer.mask_id} must equal the model's "
+                         f"config.mask_token_id {model.config.mask_token_id} (adapter {str(directory)!r})")
+    return model.to(dtype=dtype).eval(), tokenizer
+
+
+def adds_mask_token(source: str) -> bool:
+    """Whether :func:`load_model` gives ``source``'s model a mask token it did not have (reads configs only)."""
+    source = resolve_run_dir(str(source))
+    if source == SMOLLM2:
+        return True
+    if checkpoints.adapter_record(source) is not None:
+        return False
+    meta = json.loads((Path(source) / checkpoints.CONFIG_FILE).read_text())
+    if meta.get("format") == checkpoints.FORMAT:
+        return meta["config"].get("mask_token_id") is None
+    return checkpoints.config_from_hf(meta).mask_token_id is None
 
 
 def load_chat_tokenizer(source: str):

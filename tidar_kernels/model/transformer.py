@@ -34,7 +34,7 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.mask import Layout, check_training_shape, training_position_ids
 from ..kernels.validation import check_positive
-from .adapters import apply_adapter
+from .adapters import apply_adapter, embed
 from .kv_cache import KVCache
 
 
@@ -428,7 +428,7 @@ class Transformer(nn.Module):
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(position_ids.shape)}")
-        x = self.tok_embeddings(input_ids)
+        x = embed(self.tok_embeddings, input_ids, context.adapter_from)
         rope = rotary_tables(self.config, position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, context)
@@ -444,11 +444,13 @@ class Transformer(nn.Module):
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand(input_ids.shape)
         return self.lm_head(self(input_ids, positions, CAUSAL))
 
-    def forward_training(self, input_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    def forward_training(self, input_ids: torch.Tensor, block_size: int,
+                         mask_rows_adapter: bool = False) -> torch.Tensor:
         """Training layout (docs/semantics.md#training-layout): logits ``[B, 2S, V]`` of ``[S clean | S mask]`` tokens.
 
         The caller builds ``input_ids`` (second half all ``mask_token_id``);
-        position ids are ``[0..S-1, 0..S-1]``.
+        position ids are ``[0..S-1, 0..S-1]``. ``mask_rows_adapter``: attached adapters
+        (:mod:`tidar_kernels.model.adapters`) run on the mask half, rows ``[S, 2S)``, only.
         """
         _check_ids("input_ids", input_ids, self.config.vocab_size)
         if input_ids.shape[1] % 2:
@@ -456,7 +458,8 @@ class Transformer(nn.Module):
         seq_len = input_ids.shape[1] // 2
         check_training_shape(seq_len, block_size)
         positions = training_position_ids(seq_len).to(input_ids.device).expand(input_ids.shape)
-        return self.lm_head(self(input_ids, positions, AttentionContext(Layout.TRAINING, block_size)))
+        context = AttentionContext(Layout.TRAINING, block_size, adapter_from=seq_len if mask_rows_adapter else None)
+        return self.lm_head(self(input_ids, positions, context))
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:

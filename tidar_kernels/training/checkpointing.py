@@ -6,6 +6,11 @@ the tokenizer, ``trainer_state.safetensors`` (optimizer moments, RNG states) and
 names the newest. Every write goes to a temporary directory that is renamed into place.
 With ``keep_last`` only the newest step directories are kept (:func:`prune_checkpoints`),
 deleted only once ``latest`` names the new one.
+
+A checkpoint of an adapter run (``--adapter lora``) holds the adapter instead of the model
+(:func:`tidar_kernels.model.checkpoints.save_adapter`: ``adapter_config.json`` with the
+base's record, ``adapter_model.safetensors``, ``mask_embedding.safetensors`` when the mask
+row trains), with the same tokenizer and trainer state files.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..model.checkpoints import build_model, save_pretrained
+from ..model.adapters import attach_lora, attach_mask_row, split_adapter_state
+from ..model.checkpoints import build_model, save_adapter, save_pretrained
 from ..model.loading import LATEST
 from ..model.tokenizer import TextTokenizer
 from .config import TrainArgs
@@ -38,16 +44,26 @@ STEP_DIR = re.compile(r"step_(\d+)")
 """Name of a checkpoint directory of the run directory: ``step_NNNNNN``."""
 
 
-def plain_model(config, state: dict, device: torch.device) -> nn.Module:
-    """An unsharded model holding a gathered state dict, on the run's device (rank 0 evaluates it alone)."""
-    return build_model(config, state, device=device, dtype=torch.float32)
+def plain_model(config, state: dict, device: torch.device, args: Optional[TrainArgs] = None) -> nn.Module:
+    """An unsharded model holding a gathered state dict, on the run's device (rank 0 evaluates it alone).
+
+    An adapter run's state (``args.adapter``) also holds the adapters: they are attached again.
+    """
+    if args is None or args.adapter is None:
+        return build_model(config, state, device=device, dtype=torch.float32)
+    base, lora, row = split_adapter_state(state, args.adapter_rank, args.lora_alpha)
+    model = build_model(config, base, device=device, dtype=torch.float32)
+    attach_lora(model, lora)
+    if row is not None:
+        attach_mask_row(model, row)
+    return model
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextTokenizer,
                     optimizer, scheduler, sampler: BatchSampler, args: TrainArgs,
                     evaluation: Optional[dict] = None, history: Optional[list] = None,
                     model_state: Optional[dict] = None, optimizer_state: Optional[dict] = None,
-                    keep_last: Optional[int] = None) -> Path:
+                    keep_last: Optional[int] = None, adapter_base: Optional[dict] = None) -> Path:
     """Write ``out_dir/step_NNNNNN`` atomically (temp dir + rename) and point ``out_dir/latest`` at it.
 
     ``keep_last``: then delete all but the newest that many step directories
@@ -56,6 +72,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextT
     ``model_state`` / ``optimizer_state``: full (gathered) state dicts of a sharded
     run (:func:`gather_full_state`); by default those of ``model`` and ``optimizer``.
     The files are the same either way, so any run can resume any checkpoint.
+
+    ``adapter_base`` (an adapter run: the base's ``source`` and ``fingerprint``): the
+    checkpoint holds the adapter (module docstring), not the frozen model.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step:06d}"
@@ -63,7 +82,13 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: TextT
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_pretrained(model, tmp, state=model_state)  # creates tmp (itself atomically)
+        if adapter_base is None:
+            save_pretrained(model, tmp, state=model_state)  # creates tmp (itself atomically)
+        else:
+            _, lora, row = split_adapter_state(model.state_dict() if model_state is None else model_state,
+                                               args.adapter_rank, args.lora_alpha)
+            save_adapter(tmp, lora, model.config.n_layers,
+                         {"base": adapter_base, "mask_token_id": model.config.mask_token_id}, row)
         tokenizer.save(tmp)
         tensors, opt_json = _flatten_optimizer(optimizer_state or optimizer.state_dict())
         tensors["rng.cpu"] = torch.get_rng_state()

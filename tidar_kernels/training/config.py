@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..kernels.mask import check_training_shape
 from ..kernels.validation import check_int, check_positive
+from ..model.adapters import LORA_TARGETS
 from .objective import DISTILL_MODES
 
 
@@ -53,6 +55,20 @@ class TrainArgs:
     budget_minutes: Optional[float] = None  # wall-time budget: sets steps from measured step time (see train)
     trainable_layers: Optional[int] = None  # train only the top N blocks + final norm (None: everything)
     fsdp: bool = False  # shard parameters, gradients and optimizer state over ranks (FSDP2) instead of DDP
+    adapter: Optional[str] = None  # "lora": train a mask-rows LoRA on the frozen --init model (None: the model)
+    adapter_rank: Optional[int] = None  # r of the LoRA (required with adapter)
+    adapter_alpha: Optional[float] = None  # lora_alpha (scale alpha / r); default: the rank (scale 1)
+    adapter_targets: Optional[list] = None  # Hugging Face projection names; default ["o_proj"]
+
+    @property
+    def lora_alpha(self) -> float:
+        """``adapter_alpha``, by default ``adapter_rank`` (scale 1)."""
+        return float(self.adapter_rank if self.adapter_alpha is None else self.adapter_alpha)
+
+    @property
+    def lora_targets(self) -> list:
+        """``adapter_targets``, by default ``["o_proj"]``."""
+        return list(DEFAULT_ADAPTER_TARGETS if self.adapter_targets is None else self.adapter_targets)
 
     def validate(self) -> None:
         check_training_shape(self.seq_len, self.block_size)
@@ -74,10 +90,52 @@ class TrainArgs:
         if isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float)) \
                 or not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
+        self._validate_adapter()
         if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)
                                            or self.keep_last < 1):
             raise ValueError(f"keep_last must be an integer >= 1 or None (keep every checkpoint), got "
                              f"{self.keep_last!r}")
+
+
+    def _validate_adapter(self) -> None:
+        if self.adapter is None:
+            for name in ("adapter_rank", "adapter_alpha", "adapter_targets"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs adapter='lora' (--adapter lora), got {name}="
+                                     f"{getattr(self, name)!r} without it")
+            return
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)} or None, got {self.adapter!r}")
+        if self.init is None:
+            raise ValueError("adapter needs init (--init: the base model the adapter is trained on, frozen), "
+                             "got init=None (a model from scratch has no base to adapt)")
+        if self.adapter_rank is None:
+            raise ValueError("adapter_rank must be given with adapter='lora' (--adapter-rank R), got None")
+        check_int("adapter_rank", self.adapter_rank, 1)
+        if self.adapter_alpha is not None and (isinstance(self.adapter_alpha, bool)
+                                               or not isinstance(self.adapter_alpha, (int, float))
+                                               or not math.isfinite(self.adapter_alpha) or not self.adapter_alpha > 0):
+            raise ValueError(f"adapter_alpha must be a finite number > 0 (default: the rank), "
+                             f"got {self.adapter_alpha!r}")
+        targets = self.adapter_targets
+        if targets is not None:
+            if not isinstance(targets, (list, tuple)) or not targets:
+                raise ValueError(f"adapter_targets must be a non-empty list of projection names from "
+                                 f"{list(LORA_TARGETS)}, got {targets!r}")
+            unknown = [t for t in targets if t not in LORA_TARGETS]
+            if unknown:
+                raise ValueError(f"adapter_targets must name projections from {list(LORA_TARGETS)}, got "
+                                 f"unknown {unknown}")
+            if len(set(targets)) != len(targets):
+                raise ValueError(f"adapter_targets must not repeat a projection, got {list(targets)}")
+        if self.trainable_layers is not None:
+            raise ValueError(f"trainable_layers must be None with adapter='lora' (the base is frozen, only the "
+                             f"adapter trains), got {self.trainable_layers}")
+
+
+ADAPTERS = ("lora",)
+"""What ``--adapter`` trains: a LoRA on the mask rows (:mod:`tidar_kernels.model.adapters`)."""
+DEFAULT_ADAPTER_TARGETS = ("o_proj",)
 
 
 RECIPES = {
@@ -139,6 +197,15 @@ def parse_args(argv=None) -> tuple[TrainArgs, Optional[str]]:
                    "over the torchrun ranks (bf16 compute on CUDA) instead of DDP")
     p.add_argument("--trainable-layers", dest="trainable_layers", type=int, default=None,
                    help="train only the top N blocks + final norm (embedding and head frozen)")
+    p.add_argument("--adapter", default=None, choices=list(ADAPTERS),
+                   help="train a LoRA on the mask rows of the frozen --init model (only A, B and a mask "
+                        "embedding the base lacked train); checkpoints hold the adapter in PEFT layout")
+    p.add_argument("--adapter-rank", dest="adapter_rank", type=int, default=None, help="LoRA rank r")
+    p.add_argument("--adapter-alpha", dest="adapter_alpha", type=float, default=None,
+                   help="lora_alpha (scale alpha / r); default: the rank")
+    p.add_argument("--adapter-targets", dest="adapter_targets", type=_comma_list, default=None,
+                   help=f"comma-separated projections from {','.join(LORA_TARGETS)}; default "
+                        f"{','.join(DEFAULT_ADAPTER_TARGETS)}")
     recipe = p.parse_known_args(argv)[0].recipe
     if recipe is not None:
         p.set_defaults(**dataclasses.asdict(recipe_args(recipe)))
@@ -157,3 +224,7 @@ def _parse_overrides(items: list) -> dict:
         out[name] = json.loads(value) if value not in ("True", "False") else value == "True"
     return out
 
+
+
+def _comma_list(text: str) -> list:
+    return [item.strip() for item in text.split(",") if item.strip()]

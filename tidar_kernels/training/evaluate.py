@@ -26,6 +26,12 @@ cut at HumanEval's stop sequences after decoding (generation runs to
 ``--new-tokens`` or EOS) and run against its tests in a sandboxed subprocess. The
 baseline gets the same; the table shows ``pass@1 (T/NFE)`` per ``k``.
 
+For a checkpoint of an adapter run (``train --adapter lora``), the adapter runs on the mask
+rows of every TiDAR forward, and ``ar_bitwise_identical_to_base`` says whether its
+likelihood-mode logits on the perplexity rows are bitwise those of its base (loaded
+separately from the adapter's record; ``torch.equal``), as they must be: the adapter never
+runs on the AR path.
+
 It prints a table and writes a JSON file with every figure and where it was
 measured (model, data, commit, device, versions, command).
 """
@@ -50,6 +56,8 @@ import torch.nn.functional as F
 from . import data as tdata
 from ..kernels.validation import check_positive
 from . import humaneval
+from ..model.adapters import adapters_of
+from ..model.checkpoints import adapter_record
 from ..model.generate import ar_generate, tidar_generate
 from ..model.loading import load_model, resolve_run_dir
 from .objective import IGNORE_INDEX, causal_labels
@@ -79,6 +87,17 @@ def heldout_ar_loss(model, tokens: torch.Tensor, doc_ids: torch.Tensor, batch: i
     return total, count
 
 
+@torch.no_grad()
+def ar_bitwise_identical(model, base_source: str, tokens: torch.Tensor, device, dtype, batch: int = 8) -> bool:
+    """Whether ``model``'s likelihood-mode logits of ``tokens`` equal (``torch.equal``) those of ``base_source``'s model."""
+    base = load_model(base_source)[0].to(device, dtype).eval()
+    try:
+        return all(torch.equal(model.forward_causal(chunk), base.forward_causal(chunk))
+                   for chunk in (tokens[start:start + batch].to(device) for start in range(0, tokens.shape[0], batch)))
+    finally:
+        del base
+
+
 def _merge_histograms(histograms: Sequence[Sequence[int]]) -> list[int]:
     width = max(len(h) for h in histograms)
     return [sum(h[i] for h in histograms if i < len(h)) for i in range(width)]
@@ -102,11 +121,12 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
     """
 
     model.eval()
+    spec_lora = "mask_rows" if adapters_of(model) else None  # an adapter run's adapter: on the mask rows
     ids = [torch.tensor([p], device=device) for p in prompts]
     warmup_tokens = min(new_tokens, WARMUP_TOKENS)
     ar_generate(model, ids[0], warmup_tokens, eos_token_id=eos_id)
     for k in draft_lens:
-        tidar_generate(model, ids[0], warmup_tokens, k, beta=1.0, eos_token_id=eos_id)
+        tidar_generate(model, ids[0], warmup_tokens, k, beta=1.0, eos_token_id=eos_id, spec_lora=spec_lora)
     ar_runs = [ar_generate(model, x, new_tokens, eos_token_id=eos_id) for x in ids]
     ar_tokens = sum(int(r.lengths.sum()) for r in ar_runs)
     out = {"tokens_per_forward": {}, "acceptance_histogram": {}, "greedy_equals_ar_by_draft_len": {},
@@ -114,7 +134,8 @@ def decode_figures(model, prompts: Sequence[Sequence[int]], new_tokens: int, dra
            "forwards": {"ar": sum(r.forwards for r in ar_runs)}, "tokens_generated": {"ar": ar_tokens}}
     sequences = {"ar": [r.sequences()[0] for r in ar_runs]}
     for k in draft_lens:
-        runs = [tidar_generate(model, x, new_tokens, k, beta=1.0, eos_token_id=eos_id) for x in ids]
+        runs = [tidar_generate(model, x, new_tokens, k, beta=1.0, eos_token_id=eos_id, spec_lora=spec_lora)
+                for x in ids]
         histogram = _merge_histograms([r.acceptance_histogram for r in runs])
         tokens = sum(int(r.lengths.sum()) for r in runs)
         key = str(k)
@@ -191,6 +212,9 @@ def _checkpoint_summary(path: str, model) -> dict:
     """What the model is: its source, size and, for a trainer checkpoint, how it was trained."""
     summary = {"path": path, "parameters": sum(p.numel() for p in model.parameters()),
                "config": model.config.to_dict()}
+    record = adapter_record(path) if path != "smollm2" else None
+    if record is not None:
+        summary["adapter"] = record
     state = Path(path) / "trainer_state.json"
     if state.is_file():
         saved = json.loads(state.read_text())
@@ -252,6 +276,9 @@ def evaluate(model_path: str, baseline_path: Optional[str] = None, *, data: Opti
     rows, row_docs = packed.tokens[:ppl_rows], packed.doc_ids[:ppl_rows]
 
     report: dict = {"model": _checkpoint_summary(model_path, model)}
+    if "adapter" in report["model"]:
+        report["ar_bitwise_identical_to_base"] = ar_bitwise_identical(
+            model, report["model"]["adapter"]["base"]["source"], rows, dev, torch_dtype)
     nats, count = heldout_ar_loss(model, rows, row_docs)
     perplexity, loss = {"model": math.exp(nats / count)}, {"model": nats / count}
     if baseline is not None:  # the same rows, hence the same label count
@@ -337,6 +364,9 @@ def format_table(report: dict) -> str:
         line += f", baseline {ppl['baseline']:.3f} ({100 * ppl['relative_change']:+.1f} %)"
     lines.append(line)
     lines.append(f"greedy TiDAR == AR greedy on every prompt and k: {figures['greedy_equals_ar']}")
+    if "ar_bitwise_identical_to_base" in report:
+        lines.append(f"adapter: likelihood-mode logits bitwise identical to the base "
+                     f"({report['model']['adapter']['base']['source']}): {report['ar_bitwise_identical_to_base']}")
     return "\n".join(lines)
 
 

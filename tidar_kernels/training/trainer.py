@@ -15,6 +15,11 @@ and the reported loss equal those of one process seeing the whole batch at once,
 whatever the split (DDP averages gradients over ranks; the loss is scaled by the
 world size to turn that average into the sum).
 
+An adapter run (``--init BASE --adapter lora --adapter-rank R``) freezes the base and trains
+a LoRA on the mask rows only (rows ``[S, 2S)`` of the training layout: the AR rows, and so
+likelihood mode and the verification, stay the base's), plus the mask token's input
+embedding as its own parameter when the base had no mask token.
+
 Checkpoints (``OUT/step_NNNNNN/``) hold the model (``checkpoints.save_pretrained``:
 safetensors + config), the tokenizer, ``trainer_state.safetensors`` (optimizer
 moments and RNG states) and ``trainer_state.json`` (step, training arguments,
@@ -43,8 +48,10 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from ..model.adapters import adapters_of, attach_lora, attach_mask_row, freeze_base, new_lora
+from ..model.checkpoints import adapter_record, base_fingerprint
 from ..model.generate import tidar_generate
-from ..model.loading import load_model
+from ..model.loading import SMOLLM2, adds_mask_token, load_model, resolve_run_dir
 from ..model.tokenizer import TextTokenizer
 from ..model.transformer import Transformer, TransformerConfig
 from . import data as tdata
@@ -95,12 +102,36 @@ class TrainingForward(nn.Module):
     ``forward_training``, so this adapter makes it the forward.
     """
 
-    def __init__(self, model: nn.Module, block_size: int):
+    def __init__(self, model: nn.Module, block_size: int, mask_rows_adapter: bool = False):
         super().__init__()
-        self.model, self.block_size = model, block_size
+        self.model, self.block_size, self.mask_rows_adapter = model, block_size, mask_rows_adapter
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_training(input_ids, self.block_size)
+        return self.model.forward_training(input_ids, self.block_size, mask_rows_adapter=self.mask_rows_adapter)
+
+
+def base_source(init: str) -> str:
+    """``--init`` as a base record's source: ``smollm2``, or the checkpoint directory as an absolute path."""
+    if init == SMOLLM2:
+        return init
+    return str(Path(resolve_run_dir(init)).resolve())
+
+
+def add_adapter(model: nn.Module, args: TrainArgs) -> dict:
+    """Attach a fresh LoRA (and a mask row when ``--init`` had no mask token) to the loaded base; its record.
+
+    Refuses an adapter run as the base. The record (``source``, ``fingerprint``) is taken
+    before anything is attached.
+    """
+    source = base_source(args.init)
+    if source != SMOLLM2 and adapter_record(source) is not None:
+        raise ValueError(f"init must be a base model, not an adapter run's checkpoint, got {args.init!r}")
+    record = {"source": source, "fingerprint": base_fingerprint(model)}
+    attach_lora(model, new_lora(model, args.lora_targets, args.adapter_rank, args.lora_alpha,
+                                torch.Generator().manual_seed(args.seed)))
+    if adds_mask_token(source):
+        attach_mask_row(model)
+    return record
 
 
 def load_initial_model(args: TrainArgs, corpus: tdata.Corpus, dist_: Dist):
@@ -185,7 +216,8 @@ def evaluate(model: nn.Module, datasets: Datasets, args: TrainArgs) -> dict:
     tpf = []
     for prompt in datasets.heldout_prompts:
         ids = torch.tensor([prompt], device=device)
-        result = tidar_generate(model, ids, args.eval_new_tokens, args.block_size)
+        result = tidar_generate(model, ids, args.eval_new_tokens, args.block_size,
+                                spec_lora="mask_rows" if adapters_of(model) else None)
         tpf.append(float(result.tokens_per_forward))
     model.train(was_training)
     return {"heldout_ar_loss": ar_loss, "heldout_ar_ppl": math.exp(min(ar_loss, 50.0)),
@@ -266,6 +298,10 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
     else:
         model, tokenizer = load_initial_model(args, corpus, dist_)
     freeze_lower_layers(model, args.trainable_layers)
+    adapter_base = None
+    if args.adapter is not None:
+        adapter_base = add_adapter(model, args) if state is None else adapter_record(ckpt)["base"]
+        freeze_base(model)
     datasets = prepare_data(corpus, tokenizer, args)
     model.to(dist_.device).train()
     world = dist_.world
@@ -277,7 +313,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
 
     if args.budget_minutes is not None:  # warmup fixed up front: the probe steps' LR cannot depend on steps
         args = dataclasses.replace(args, warmup_steps=args.warmup_steps or BUDGET_WARMUP_STEPS)
-    forward = TrainingForward(model, args.block_size)
+    forward = TrainingForward(model, args.block_size, mask_rows_adapter=args.adapter is not None)
     own_group = args.fsdp and shard_model(forward, dist_)  # before the optimizer: it holds the sharded parameters
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
@@ -366,7 +402,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
             model_state, optimizer_state = gather_full_state(model, optimizer if save_now else None)
         if dist_.main and evaluate_now:
             evaluation = evaluate(model if model_state is None else plain_model(model.config, model_state,
-                                                                                 dist_.device),
+                                                                                 dist_.device, args),
                                   datasets, args)
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in evaluation.items()))
@@ -376,7 +412,7 @@ def train(args: TrainArgs, resume: Optional[str] = None) -> TrainResult:
                 try:
                     checkpoint = save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, sampler,
                                                  args, evaluation or None, history, model_state, optimizer_state,
-                                                 keep_last=args.keep_last)
+                                                 keep_last=args.keep_last, adapter_base=adapter_base)
                 except Exception as error:  # the other ranks must stop too, not wait at a barrier forever
                     failure = error
             if dist_.all_sum([float(failure is not None)])[0]:  # doubles as the barrier
