@@ -76,6 +76,24 @@ def register_attention_autograd(forward_op, backward_op) -> None:
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
+def register_cached_attention(name: str, impl: Callable, device_types: Optional[str] = None):
+    """Register ``impl`` as the torch op ``tidar::cached_attention_<name>``: the cached op's one
+    signature (it writes ``k_cache`` and ``v_cache`` in place) and its fake (output shaped like ``q``).
+    Returns the op."""
+
+    def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
+                         layout: int, block_size: int, scale: float,
+                         block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return impl(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale,
+                    block_table)
+
+    op = torch.library.custom_op(f"tidar::cached_attention_{name}", cached_attention,
+                                 mutates_args=("k_cache", "v_cache"), device_types=device_types)
+    op.register_fake(lambda q, *args, **kwargs: torch.empty_like(q))
+    return op
+
+
 _MODULES = {"reference": ".reference_ops", "cpu": ".cpu_ops", "triton": ".triton_ops", "cuda": ".cuda_ops",
             "cuda_emulated": ".cuda_emulated_ops"}
 

@@ -8,26 +8,13 @@ truth the tests compare it with.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from . import CACHED_ATTENTION, Backend, Call
+from . import CACHED_ATTENTION, Backend, Call, register_cached_attention
 from . import cpu
 
 
-@torch.library.custom_op("tidar::cached_attention_cpu", mutates_args=("k_cache", "v_cache"), device_types="cpu")
-def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
-                     layout: int, block_size: int, scale: float,
-                     block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return cpu.cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                                layout, block_size, scale, block_table)
-
-
-@cached_attention.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale, block_table=None):
-    return torch.empty_like(q)
+register_cached_attention("cpu", cpu.cached_attention, device_types="cpu")
 
 
 def eager_or_traced(*args, **kwargs) -> torch.Tensor:

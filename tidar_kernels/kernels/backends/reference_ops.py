@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import Backend, Call, register_attention_autograd
+from . import Backend, Call, register_attention_autograd, register_cached_attention
 from . import reference
 
 
@@ -41,18 +41,7 @@ def _(dout, q, k, v, out, lse, layout, block_size, scale):
 register_attention_autograd(attention_fwd, attention_bwd)
 
 
-@torch.library.custom_op("tidar::cached_attention_reference", mutates_args=("k_cache", "v_cache"))
-def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_seqlens: torch.Tensor, context_lens: Optional[torch.Tensor],
-                     layout: int, block_size: int, scale: float,
-                     block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return reference.cached_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens,
-                                      layout, block_size, scale, block_table)
-
-
-@cached_attention.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cache_seqlens, context_lens, layout, block_size, scale, block_table=None):
-    return torch.empty_like(q)
+register_cached_attention("reference", reference.cached_attention)
 
 
 @torch.library.custom_op("tidar::accept_drafts_reference", mutates_args=("cache_seqlens",))
