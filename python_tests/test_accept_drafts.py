@@ -7,7 +7,7 @@ against the twin, opcheck, and CUDA-graph replay.
 """
 import pytest
 import torch
-from cuda_checks import capture_after_warmup
+from helpers.cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
 from tidar_kernels.kernels.backends import reference

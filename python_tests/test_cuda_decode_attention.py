@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from cuda_checks import capture_after_warmup
+from helpers.cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends

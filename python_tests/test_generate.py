@@ -7,13 +7,14 @@ checks the usual case (drafts rejected, acc = 1).
 """
 import pytest
 import torch
-from cuda_checks import assert_steps_never_sync
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from helpers.cuda_checks import assert_steps_never_sync
 
 from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1], [4]]
 

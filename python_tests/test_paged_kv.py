@@ -4,7 +4,7 @@ Every backend that takes a paged CPU call (the reference; Triton under
 ``TRITON_INTERPRET=1``) runs each cached op on shuffled pages of sizes 1, 3, 16 and
 64 and must return what the contiguous cache gives (tolerance rule against fp64
 math), write exactly the new rows through the table and leave every other row and
-page (NaN-poisoned) untouched; see :func:`cached_cases.check_cached_call`. The CUDA
+page (NaN-poisoned) untouched; see :func:`helpers.cached_cases.check_cached_call`. The CUDA
 kernel's decode step gets the same checks on the CPU through the ``cuda_emulated``
 backend (pages 1 to 256; fp16 and bf16; head dims 64 and 128; GQA), its
 paged output bit-identical to the contiguous call's. Bad tables raise before anything
@@ -12,12 +12,11 @@ is written; the loops on a paged cache emit the contiguous loops' tokens.
 """
 import pytest
 import torch
-from cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
-from cuda_checks import assert_steps_never_sync, capture_after_warmup
+from helpers.cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
+from helpers.cuda_checks import assert_steps_never_sync, capture_after_warmup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends
@@ -28,6 +27,8 @@ from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.model.transformer import Transformer, TransformerConfig
 from tidar_kernels.kernels.validation import MAX_PAGE_SIZE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAGED_BACKENDS = cpu_cached_backends(paged=True)
 PAGE_SIZES = [1, 3, 16, 64]

@@ -8,9 +8,8 @@ cache whose unused rows hold NaN.
 """
 import pytest
 import torch
-from decode_plan_cases import cuda_decode_plan
+from helpers.decode_plan_cases import cuda_decode_plan
 from helpers.lora import random_lora
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.kernels import ops
 from tidar_kernels.kernels.backends import load
@@ -21,6 +20,8 @@ from tidar_kernels.model import adapters
 from tidar_kernels.model.generate import ar_generate, linear_spec_generate, pad_prompts, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
 from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1]]
 PAGED = [pytest.param(None, id="contiguous"), pytest.param(3, id="paged3")]
