@@ -1,6 +1,7 @@
-"""The CUDA kernels' backends as test parameters: ``cuda`` (the GPU; its cases are marked ``gpu`` and
-``gpu_quick``) and ``cuda_emulated`` (the same sources on the CPU; skipped where
-``tidar_kernels._C_emulated`` is not built), with each backend's device and raw ops."""
+"""The backends of the CUDA kernels as test parameters: ``cuda`` (the GPU; ``ON_GPU`` marks a case
+``gpu`` and ``gpu_quick``) and ``cuda_emulated`` (the same sources on the CPU; ``EMULATED`` skips a
+case where ``tidar_kernels._C_emulated`` is not built), each backend's device, and its raw ops
+(for accept-and-commit also the PyTorch twin, ``reference``)."""
 import pytest
 import torch
 
