@@ -1,7 +1,7 @@
 // Roofline cost model of a cached-attention launch: the C++ mirror of
 // tidar_kernels/kernels/roofline.py (same formulas, same order of operations, so both pick
 // the same plan; checked by CTest on cases exported from Python,
-// python_tests/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt).
+// python_tests/helpers/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt).
 // Plain C++ (no CUDA, no torch): the host planner and its test include it.
 #pragma once
 

@@ -1,8 +1,9 @@
-"""Shared test setup: fixed seeds, and the `gpu` marker skipped without CUDA.
+"""Shared test setup: fixed seeds, the `gpu` marker skipped without CUDA, and the ``one_thread`` fixture.
 
 ``--torch-seed N`` changes the seed every test starts from (default 0), so the
 suite's tolerances can be shaken with other data; hypothesis seeds
-vary with ``--hypothesis-seed``. torch.compile's cache is private to the session."""
+vary with ``--hypothesis-seed``. torch.compile's cache is private to the session.
+A module opts into one intra-op thread with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
 import os
 import shutil
 import tempfile
@@ -39,3 +40,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(request.config.getoption("--torch-seed"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run the requesting module's tests with one intra-op thread, restoring the count afterwards: tiny
+    models run many small ops, so one thread is several times faster on CI's 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,12 +2,15 @@
 
 CPU: the PyTorch twin (backends/reference.py ``accept_drafts``, reached through
 ``tidar_kernels.accept_drafts``) against expectations worked out by hand from
-logits with a known argmax. GPU (marked): the CUDA op ``tidar::accept_drafts_cuda``
-against the twin, opcheck, and CUDA-graph replay.
+logits with a known argmax. Subnormal logits, NaN and ties on random logits: one test
+each over the backends (the twin, ``cuda_emulated`` on the CPU, ``cuda``). GPU (marked): the
+CUDA op ``tidar::accept_drafts_cuda`` against the twin, opcheck, and CUDA-graph replay.
 """
 import pytest
 import torch
-from cuda_checks import capture_after_warmup
+from helpers.accept_cases import check_against_twin, random_case, subnormal_case
+from helpers.cuda_backends import EMULATED, ON_GPU, accept_drafts_op, device_of
+from helpers.cuda_checks import capture_after_warmup
 
 import tidar_kernels as tk
 from tidar_kernels.kernels.backends import reference
@@ -139,30 +142,45 @@ def test_ties_go_to_the_lowest_index():
     assert targets.tolist() == [[1, 0]]
 
 
-def subnormal_case():
-    """fp32 logits whose order is decided by subnormals: flushing them to zero (FTZ) changes every target.
+# --- every backend: the same cases on the twin and on the CUDA kernels ---------------------------
 
-    Row 0: the only nonzero is a subnormal at index 3 (FTZ: all zeros, argmax 0). Row 1: two
-    subnormals, 2e-45 at 1 and 3e-45 at 5 (FTZ: tie at 0). Row 2: beta * a is subnormal while a is
-    normal (beta = 0.5 halves 2^-126 to 2^-127). Drafts match the exact targets, so FTZ also
-    changes the accepted count.
-    """
-    tiny = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal
-    a = torch.zeros(1, 3, VOCAB)
-    a[0, 0, 3] = tiny / 4
-    a[0, 1, 1], a[0, 1, 5] = 2e-45, 3e-45
-    a[0, 2, 6] = tiny
-    b = torch.zeros_like(a)
-    b[0, 2, 2] = -tiny / 8  # a negative subnormal: FTZ would make it a zero tying index 0
-    return a, b
-
-
-def test_subnormal_logits_compare_exactly():
-    a, b = subnormal_case()
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cuda_emulated", marks=EMULATED),
+                                     pytest.param("cuda", marks=ON_GPU)])
+def test_subnormal_logits_compare_exactly(backend):
+    """Subnormal fp32 logits order exactly as in torch.argmax (the CUDA kernels are built with
+    -ftz=false): the targets and accepted count worked out by hand, and the twin's."""
+    op, device = accept_drafts_op(backend), device_of(backend)
+    a, b = (t.to(device) for t in subnormal_case())
     assert a[0, 0, 3] != 0 and a[0, 1, 1] != 0  # the values really are subnormal, not flushed
-    accepted, targets, lengths = accept([[0, 3, 5]], a, b, [4], beta=0.5)
+    drafts, lengths = torch.tensor([[0, 3, 5]], device=device), torch.tensor([4], dtype=torch.int32, device=device)
+    check_against_twin(op, drafts, a, b, lengths, 0.5)
+    accepted, targets = op(drafts, a, b, lengths, None, 0.5)
     assert targets.tolist() == [[3, 5, 6]]
     assert accepted.tolist() == [3] and lengths.tolist() == [7]
+
+
+@pytest.mark.parametrize("backend,vocab,last_nan", [pytest.param("cuda_emulated", 5000, 4500, marks=EMULATED),
+                                                    pytest.param("cuda", 9000, 8000, marks=ON_GPU)])
+def test_nan_wins_like_torch_argmax(backend, vocab, last_nan):
+    op = accept_drafts_op(backend)
+    drafts, a, b, lengths = random_case(2, 3, vocab, torch.float32, seed=11, device=device_of(backend))
+    a[0, 1, 4321] = float("nan")
+    a[1, 2, 7] = float("nan")
+    a[1, 2, last_nan] = float("nan")
+    check_against_twin(op, drafts, a, b, lengths, 1.0)
+
+
+@pytest.mark.parametrize("backend,k,vocab,seed", [
+    pytest.param("cuda_emulated", 3, 8200, 3, marks=EMULATED, id="cuda_emulated-k3-V8200"),
+    pytest.param("cuda", 5, 37, 37, marks=pytest.mark.gpu, id="cuda-k5-V37"),
+    pytest.param("cuda", 5, 8192, 8192, marks=pytest.mark.gpu, id="cuda-k5-V8192"),
+    pytest.param("cuda", 5, 100003, 100003, marks=ON_GPU, id="cuda-k5-V100003"),
+])
+def test_ties_go_to_lowest_index_on_random_logits(backend, k, vocab, seed):
+    op = accept_drafts_op(backend)
+    drafts, a, b, lengths = random_case(4, k, vocab, torch.float16, seed=seed, tie_values=True,
+                                        device=device_of(backend))
+    check_against_twin(op, drafts, a, b, lengths, 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
@@ -175,39 +193,6 @@ def test_low_precision_logits(dtype):
 # ================================================================================================
 # GPU: the CUDA op against the twin
 # ================================================================================================
-
-def _cuda_op():
-    pytest.importorskip("tidar_kernels._C", reason="CUDA extension not built")
-    return torch.ops.tidar.accept_drafts_cuda.default
-
-
-def random_case(batch, k, vocab, dtype, seed, tie_values=False, match_prob=0.7, beta=0.5):
-    """Random logits on the GPU, drafts that match the reference targets with probability match_prob."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    if tie_values:  # few distinct values: many ties
-        a = torch.randint(0, 4, (batch, k, vocab), generator=gen, device="cuda").to(dtype)
-        b = torch.randint(0, 4, (batch, k, vocab), generator=gen, device="cuda").to(dtype)
-    else:
-        a = torch.randn(batch, k, vocab, generator=gen, device="cuda").to(dtype)
-        b = torch.randn(batch, k, vocab, generator=gen, device="cuda").to(dtype)
-    mixed = (beta * a.float() + (1.0 - beta) * b.float()).argmax(-1)
-    drafts = torch.randint(0, vocab, (batch, k), generator=gen, device="cuda")
-    keep = torch.rand(batch, k - 1, generator=gen, device="cuda") < match_prob
-    drafts[:, 1:] = torch.where(keep, mixed[:, :-1], drafts[:, 1:])
-    lengths = torch.randint(0, 1000, (batch,), generator=gen, device="cuda", dtype=torch.int32)
-    return drafts, a, b, lengths
-
-
-def check_against_twin(op, drafts, a, b, lengths, beta, active=None):
-    want_lengths, got_lengths = lengths.clone(), lengths.clone()
-    want_acc, want_targets = reference.accept_drafts(drafts, a, b, want_lengths, active, beta)
-    got_acc, got_targets = op(drafts, a, b, got_lengths, active, beta)
-    torch.cuda.synchronize()
-    assert got_acc.dtype == torch.int32 and got_targets.dtype == torch.int64
-    assert torch.equal(got_targets, want_targets)
-    assert torch.equal(got_acc, want_acc)
-    assert torch.equal(got_lengths, want_lengths)
-
 
 SHAPES = [
     pytest.param(1, 1, 50, id="B1-k1-V50"),
@@ -223,25 +208,16 @@ SHAPES = [
 @pytest.mark.parametrize("batch,k,vocab", SHAPES)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.3], ids=["beta0", "beta0.5", "beta1", "beta0.3"])
 def test_cuda_matches_twin(dtype, batch, k, vocab, beta):
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(batch, k, vocab, dtype, seed=batch * 1000 + k, beta=beta)
+    op = accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(batch, k, vocab, dtype, seed=batch * 1000 + k, beta=beta, device="cuda")
     check_against_twin(op, drafts, a, b, lengths, beta)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("vocab", [pytest.param(37, id="V37"), pytest.param(8192, id="V8192"),
-                                   pytest.param(100003, id="V100003", marks=pytest.mark.gpu_quick)])
-def test_cuda_ties_go_to_lowest_index(vocab):
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(4, 5, vocab, torch.float16, seed=vocab, tie_values=True)
-    check_against_twin(op, drafts, a, b, lengths, 0.5)
 
 
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_inactive_and_strided_logits():
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(4, 6, 5000, torch.bfloat16, seed=7)
+    op = accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(4, 6, 5000, torch.bfloat16, seed=7, device="cuda")
     # logits as slices of a wider buffer: row strides are not vocab
     wide_a = torch.randn(4, 6, 5008, device="cuda", dtype=torch.bfloat16)
     wide_a[..., :5000] = a
@@ -252,37 +228,16 @@ def test_cuda_inactive_and_strided_logits():
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_mixed_logit_dtypes():
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(2, 4, 3000, torch.float16, seed=3)
+    op = accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(2, 4, 3000, torch.float16, seed=3, device="cuda")
     check_against_twin(op, drafts, a, b.float(), lengths, 0.5)
 
 
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
-def test_cuda_nan_wins_like_torch_argmax():
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(2, 3, 9000, torch.float32, seed=11)
-    a[0, 1, 4321] = float("nan")
-    a[1, 2, 7] = float("nan")
-    a[1, 2, 8000] = float("nan")
-    check_against_twin(op, drafts, a, b, lengths, 1.0)
-
-
-@pytest.mark.gpu
-@pytest.mark.gpu_quick
-def test_cuda_subnormal_logits_compare_exactly():
-    """Built with -ftz=false: subnormal fp32 logits order exactly as in torch.argmax."""
-    op = _cuda_op()
-    a, b = (t.cuda() for t in subnormal_case())
-    drafts = torch.tensor([[0, 3, 5]], device="cuda")
-    check_against_twin(op, drafts, a, b, torch.tensor([4], dtype=torch.int32, device="cuda"), 0.5)
-
-
-@pytest.mark.gpu
-@pytest.mark.gpu_quick
 def test_cuda_public_api_selects_cuda():
-    _cuda_op()
-    drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=5)
+    accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=5, device="cuda")
     want = lengths.clone()
     want_acc, want_targets = reference.accept_drafts(drafts, a, b, want, None, 0.5)
     got_acc, got_targets = tk.accept_drafts(drafts, a, b, lengths, beta=0.5, backend="cuda")
@@ -293,8 +248,8 @@ def test_cuda_public_api_selects_cuda():
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_opcheck():
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(2, 4, 1000, torch.bfloat16, seed=9)
+    op = accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(2, 4, 1000, torch.bfloat16, seed=9, device="cuda")
     torch.library.opcheck(op, (drafts, a, b, lengths, None, 0.5))
     active = torch.tensor([True, False], device="cuda")
     torch.library.opcheck(op, (drafts, a, b, lengths, active, 1.0))
@@ -303,8 +258,8 @@ def test_cuda_opcheck():
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_bad_input_raises_before_launch():
-    op = _cuda_op()
-    drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=1)
+    op = accept_drafts_op("cuda")
+    drafts, a, b, lengths = random_case(2, 4, 1000, torch.float16, seed=1, device="cuda")
     before = lengths.clone()
     with pytest.raises(RuntimeError, match="drafts must be int64"):
         op(drafts.int(), a, b, lengths, None, 0.5)
@@ -322,16 +277,16 @@ def test_cuda_bad_input_raises_before_launch():
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_graph_replay_advances_lengths():
-    op = _cuda_op()
+    op = accept_drafts_op("cuda")
     batch, k, vocab = 3, 4, 2048
-    drafts, a, b, lengths = random_case(batch, k, vocab, torch.float16, seed=0)
+    drafts, a, b, lengths = random_case(batch, k, vocab, torch.float16, seed=0, device="cuda")
     static = [t.clone() for t in (drafts, a, b)]
     cache_seqlens = torch.zeros(batch, dtype=torch.int32, device="cuda")
     graph, (accepted, targets) = capture_after_warmup(lambda: op(*static, cache_seqlens, None, 0.5),
                                                       preserve=(cache_seqlens,))
     expected = torch.zeros_like(cache_seqlens)
     for step in range(10):
-        new = random_case(batch, k, vocab, torch.float16, seed=100 + step)
+        new = random_case(batch, k, vocab, torch.float16, seed=100 + step, device="cuda")
         for dst, src in zip(static, new[:3]):
             dst.copy_(src)
         want_acc, want_targets = reference.accept_drafts(*new[:3], expected, None, 0.5)

@@ -6,16 +6,14 @@ leaves the clean rows' logits (and the K/V they write to the cache) bitwise equa
 import pytest
 import torch
 from helpers.lora import ALL_TARGETS, random_lora
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from helpers.models import tiny
 
 from tidar_kernels.kernels.mask import Layout, local_position_ids
 from tidar_kernels.model import adapters
 from tidar_kernels.model.kv_cache import KVCache
-from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
+from tidar_kernels.model.transformer import AttentionContext
 
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(TransformerConfig.from_name("tiny")).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def training_ids(model, seq_len=8):

@@ -8,10 +8,11 @@ three cached ops.
 """
 import pytest
 import torch
-from cached_cases import POISONS, check_cached_call, cpu_cached_backends
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from helpers.cached_cases import POISONS, check_cached_call, cpu_cached_backends
 
 from tidar_kernels.kernels.mask import Layout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPS = {
     # (layout, cache lengths, (q_heads, kv_heads), draft_len, padded rows, prompt lengths)

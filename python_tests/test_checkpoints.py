@@ -3,15 +3,10 @@ import json
 
 import pytest
 import torch
+from helpers.models import tiny
 
 from tidar_kernels.model.checkpoints import (_unpermute_rotary, add_mask_token, load_hf, load_pretrained,
                                        save_pretrained)
-from tidar_kernels.model.transformer import Transformer, TransformerConfig
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return Transformer(TransformerConfig.from_name("tiny", **overrides)).eval()
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -6,22 +6,26 @@ under the tolerance rule of tidar_kernels/kernels/tolerance.py on odd shapes (n 
 GQA 1/2/4/6, lengths differing per sequence, caches filled up to max_len), the
 cache written at [n, n+k) and byte-identical elsewhere, CUDA-graph replay over
 many steps together with the commit op, opcheck, and bad input raising before
-any write.
+any write. The skewed-splits and bad-input checks run on the ``cuda_emulated`` backend
+too (the same kernel sources on the CPU), as cases of the same tests.
 """
+import importlib
 import os
 import shutil
 
 import pytest
 import torch
-from cuda_checks import capture_after_warmup
+from helpers.cuda_backends import EMULATED, ON_GPU, cached_attention_op, device_of
+from helpers.cuda_checks import capture_after_warmup
+from helpers.decode_steps import (DECODE, SKEWED_SPLITS, check_bad_decode_input_raises_before_any_write,
+                                  check_cache_writes, check_step, make_skewed_step, make_step, references,
+                                  split_weight_spread)
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends
 from tidar_kernels.kernels.backends import Call, reference
 from tidar_kernels.kernels.mask import Layout
-from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
-
-DECODE = int(Layout.DECODE)
+from tidar_kernels.kernels.tolerance import assert_close_by_rule
 
 
 def _toolkit_present() -> bool:
@@ -101,7 +105,7 @@ def test_fp64_block_logits_fall_back_to_another_backend(monkeypatch):
 
 @needs_extension_build
 def test_fake_kernels_give_output_shapes():
-    import tidar_kernels.kernels.backends.cuda_ops  # noqa: F401  (registers the fake kernels)
+    importlib.import_module("tidar_kernels.kernels.backends.cuda_ops")  # registers the fake kernels
 
     meta = dict(device="meta")
     k, batch, q_heads, kv_heads, dim, max_len = 3, 2, 8, 2, 64, 40
@@ -123,62 +127,11 @@ def test_fake_kernels_give_output_shapes():
 # GPU
 # ================================================================================================
 
-def _op():
-    pytest.importorskip("tidar_kernels._C", reason="CUDA extension not built")
-    return torch.ops.tidar.cached_attention_cuda.default
-
-
-def make_step(batch, k, heads, head_dim, max_len, lengths, dtype, seed=0):
-    """Random step inputs; the whole cache (also past n) holds random values the kernel must not read."""
-    q_heads, kv_heads = heads
-    steps = k + k * k
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
-
-    q, k_new, v_new = randn(batch, steps, q_heads, head_dim), randn(batch, steps, kv_heads, head_dim), \
-        randn(batch, steps, kv_heads, head_dim)
-    k_cache, v_cache = randn(batch, max_len, kv_heads, head_dim), randn(batch, max_len, kv_heads, head_dim)
-    cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    return q, k_new, v_new, k_cache, v_cache, cache_seqlens
-
-
-def references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale):
-    """(fp64 output, the same math by PyTorch in q's dtype, attention's forward-error bound)
-    from the reference's mask and math."""
-    steps, max_len = q.shape[1], k_cache.shape[1]
-    allowed = reference.cached_mask(Layout.DECODE, cache_seqlens, max_len, steps, k, k, None)
-    keys = torch.cat([k_cache, k_new], dim=1)
-    values = torch.cat([v_cache, v_new], dim=1)
-    hi, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=torch.float64)
-    lo, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=q.dtype)
-    return hi, lo, attention_bounds(q, keys, values, allowed, scale)["out"]
-
-
-def check_step(op, q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale=None):
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    out = op(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, DECODE, k, scale)
-    torch.cuda.synchronize()
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_close_by_rule(out, hi, lo, bound, name="decode attention output")
-    check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k)
-
-
-def check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k):
-    """Rows [n, n+k) hold the drafts' K/V; every other byte is unchanged."""
-    want_k, want_v = k_before.clone(), v_before.clone()
-    for b, n in enumerate(cache_seqlens.tolist()):
-        want_k[b, n:n + k] = k_new[b, :k]
-        want_v[b, n:n + k] = v_new[b, :k]
-    bits = torch.int16
-    assert torch.equal(k_cache.view(bits), want_k.view(bits)), "k_cache differs outside or inside [n, n+k)"
-    assert torch.equal(v_cache.view(bits), want_v.view(bits)), "v_cache differs outside or inside [n, n+k)"
-
-
-DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+FP16, BF16 = torch.float16, torch.bfloat16
+# Where a backend's steps live and what their unused cache rows hold: random values the kernel
+# must not read on the GPU, NaN on the CPU (an emulated read of one shows in the output).
+STEP_ON = {"cuda": dict(device="cuda", unused=None), "cuda_emulated": dict(device="cpu", unused=float("nan"))}
+DTYPES = [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16")]
 HEAD_DIMS = [pytest.param(64, id="d64"), pytest.param(128, id="d128")]
 # (k, (q_heads, kv_heads), lengths per sequence, max_len)
 SHAPES = [
@@ -198,63 +151,25 @@ SHAPES = [
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("k,heads,lengths,max_len", SHAPES)
 def test_matches_reference(dtype, head_dim, k, heads, lengths, max_len):
-    op = _op()
-    step = make_step(len(lengths), k, heads, head_dim, max_len, lengths, dtype, seed=k * 31 + head_dim)
+    op = cached_attention_op("cuda")
+    step = make_step(len(lengths), k, heads, head_dim, max_len, lengths, dtype, seed=k * 31 + head_dim,
+                     **STEP_ON["cuda"])
     check_step(op, *step, k)
 
 
-SKEWED_SPLITS = 7  # the skewed step's cache cut into 7 chunks of 64 rows
-
-
-def make_skewed_step(dtype, device, head_dim, unused, seed=0):
-    """A step whose cache splits differ in weight and in size by orders of magnitude.
-
-    Batch 1, k = 2, GQA 4/2, head dim D, n = 448 rows (7 full 64-row splits). Every query
-    has a component >= 1 along dim 0 and key row j has ``24 sqrt(D) (1 - j / n)`` there, so
-    the early rows dominate the softmax (the scaled score falls by >= 24 from the first row
-    to the last), while V grows 2^12-fold from the first row to the last: the split partials
-    the kernel stores in its dtype are weighted from ~1 down to ~e^-20 and hold values from
-    ~1 up to ~10^4. Rows past n hold ``unused``. Returns the step inputs.
-    """
-    k, (q_heads, kv_heads), n, max_len = 2, (4, 2), 448, 456
-    steps = k + k * k
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float64)
-
-    q = randn(1, steps, q_heads, head_dim)
-    q[..., 0] = 1 + q[..., 0].abs()
-    rows = torch.arange(n, device=device, dtype=torch.float64)
-    k_rows, v_rows = randn(1, n, kv_heads, head_dim), randn(1, n, kv_heads, head_dim)
-    k_rows[..., 0] = (24 * head_dim ** 0.5 * (1 - rows / n)).view(1, n, 1)
-    v_rows *= torch.exp2(12 * rows / n).view(1, n, 1, 1)
-    k_cache = torch.full((1, max_len, kv_heads, head_dim), unused, device=device, dtype=torch.float64)
-    v_cache = k_cache.clone()
-    k_cache[:, :n], v_cache[:, :n] = k_rows, v_rows
-    step = (q, randn(1, steps, kv_heads, head_dim), randn(1, steps, kv_heads, head_dim), k_cache, v_cache)
-    return (*(t.to(dtype) for t in step), torch.tensor([n], dtype=torch.int32, device=device))
-
-
-def split_weight_spread(q, k_cache, cache_seqlens, splits):
-    """Per query row, the largest over the smallest softmax mass of the cache's ``splits``
-    equal chunks (fp64; the step's own keys left out): how unequal the partials' weights are."""
-    n = int(cache_seqlens[0])
-    group = q.shape[2] // k_cache.shape[2]
-    keys = k_cache[0, :n].double().repeat_interleave(group, 1)  # [n, Hq, D]
-    scores = torch.einsum("thd,nhd->thn", q[0].double(), keys) * q.shape[-1] ** -0.5
-    mass = scores.softmax(-1).unflatten(-1, (splits, n // splits)).sum(-1)  # [T, Hq, splits]
-    return mass.amax(-1) / mass.amin(-1)
-
-
-@pytest.mark.gpu
-@pytest.mark.gpu_quick
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype):
-    """Split partials stored in fp16/bf16 with weights and sizes spanning orders of magnitude."""
-    op = _op()
+@pytest.mark.parametrize("backend,dtype,head_dim,unused", [
+    pytest.param("cuda_emulated", FP16, 64, float("nan"), marks=EMULATED, id="cuda_emulated-fp16-d64"),
+    pytest.param("cuda_emulated", BF16, 128, float("nan"), marks=EMULATED, id="cuda_emulated-bf16-d128"),
+    pytest.param("cuda", FP16, 128, 1000.0, marks=ON_GPU, id="cuda-fp16-d128"),
+    pytest.param("cuda", BF16, 128, 1000.0, marks=ON_GPU, id="cuda-bf16-d128"),
+])
+def test_skewed_split_magnitudes_within_rule(monkeypatch, backend, dtype, head_dim, unused):
+    """Seven splits whose weights span > 10^6 in every row (early cache rows dominate) and whose
+    values span 2^12: the partials, stored in the kernel's dtype (fp16/bf16), stay within the rule
+    (its bound counts one rounding of each normalised partial). Rows past n hold ``unused``."""
+    op = cached_attention_op(backend)
     monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(SKEWED_SPLITS))
-    step = make_skewed_step(dtype, "cuda", 128, unused=1000.0)
+    step = make_skewed_step(dtype, device_of(backend), head_dim, unused=unused)
     assert split_weight_spread(step[0], step[3], step[5], SKEWED_SPLITS).min() > 1e6
     check_step(op, *step, 2)
 
@@ -262,7 +177,7 @@ def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype):
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_backend_supports_decode_on_this_gpu():
-    _op()
+    cached_attention_op("cuda")
     cuda = backends.load("cuda")
     call = Call(backends.CACHED_ATTENTION, torch.device("cuda"), torch.bfloat16, 128, DECODE)
     major, _ = torch.cuda.get_device_capability()
@@ -279,7 +194,7 @@ def test_cuda_backend_supports_decode_on_this_gpu():
 @pytest.mark.gpu_quick
 def test_strided_inputs_and_custom_scale():
     """q/k/v as slices of one fused projection, a cache with spare heads: strides != shapes."""
-    op = _op()
+    op = cached_attention_op("cuda")
     batch, k, q_heads, kv_heads, dim, max_len = 2, 4, 8, 2, 128, 200
     steps = k + k * k
     fused = torch.randn(batch, steps, q_heads + 2 * kv_heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -293,8 +208,9 @@ def test_strided_inputs_and_custom_scale():
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_public_api_uses_cuda_backend():
-    _op()
-    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 3, (8, 2), 64, 50, [20, 30], torch.float16)
+    cached_attention_op("cuda")
+    step = make_step(2, 3, (8, 2), 64, 50, [20, 30], torch.float16, **STEP_ON["cuda"])
+    q, k_new, v_new, k_cache, v_cache, lengths = step
     hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, lengths, 3, 64 ** -0.5)
     out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, 3, backend="cuda")
     assert_close_by_rule(out, hi, lo, bound)
@@ -304,10 +220,11 @@ def test_public_api_uses_cuda_backend():
 @pytest.mark.gpu_quick
 def test_cuda_graph_replay_with_commit_over_many_steps():
     """One captured step (attention + accept) replayed 20 times: lengths advance on the device."""
-    _op()
+    cached_attention_op("cuda")
     batch, k, heads, dim, vocab, max_len = 3, 4, (8, 2), 128, 512, 160
     dtype = torch.bfloat16
-    q, k_new, v_new, k_cache, v_cache, lengths = make_step(batch, k, heads, dim, max_len, [0, 9, 40], dtype)
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(batch, k, heads, dim, max_len, [0, 9, 40], dtype,
+                                                           **STEP_ON["cuda"])
     draft_logits = torch.randn(batch, k, vocab, device="cuda", dtype=dtype)
     block_logits = torch.randn_like(draft_logits)
     drafts = torch.zeros(batch, k, dtype=torch.long, device="cuda")
@@ -346,48 +263,18 @@ def test_cuda_graph_replay_with_commit_over_many_steps():
 @pytest.mark.gpu_quick
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype):
-    op = _op()
-    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 2, (4, 2), 64, 40, [3, 30], dtype)
+    op = cached_attention_op("cuda")
+    q, k_new, v_new, k_cache, v_cache, lengths = make_step(2, 2, (4, 2), 64, 40, [3, 30], dtype, **STEP_ON["cuda"])
     torch.library.opcheck(op, (q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, 2, 0.125))
 
 
-def check_bad_decode_input_raises_before_any_write(op, step, k):
-    """The binding checks (csrc/bindings_common.h, shared by the cuda and cuda_emulated backends):
-    each bad argument raises a clear RuntimeError and the caches stay bit-identical."""
-    q, k_new, v_new, k_cache, v_cache, lengths = step
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    args = [q, k_new, v_new, k_cache, v_cache, lengths, None, DECODE, k, 0.125]
-
-    def call(index, value, match):
-        bad = list(args)
-        bad[index] = value
-        with pytest.raises(RuntimeError, match=match):
-            op(*bad)
-
-    call(7, int(Layout.PREFILL), "layout must be 3")
-    call(6, lengths, "context_lens must be None")
-    call(8, 3, r"q.shape\[1\] must be k \+ k\*k")
-    call(0, q.float(), "q must be float16 or bfloat16")
-    call(1, k_new.bfloat16(), "k_new must have q's dtype")
-    call(5, lengths.long(), "cache_seqlens must be a contiguous int32")
-    call(3, k_cache[:, :, :1], "k_cache must be")
-    call(3, k_cache[:, :1].expand_as(k_cache), "k_cache must not overlap itself")
-    call(4, k_cache, "k_cache and v_cache must not overlap in memory")
-    call(0, q[:, :, :0], "q must have at least one head")
-    odd = torch.randn(2, k + k * k, 4, 96, dtype=q.dtype, device=q.device)
-    cache = torch.zeros(2, 40, 2, 96, dtype=q.dtype, device=q.device)
-    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
-        op(odd, odd[:, :, :2], odd[:, :, :2], cache, cache.clone(), lengths, None, DECODE, k, 0.125)
-    if q.is_cuda:
-        torch.cuda.synchronize()
-    assert torch.equal(k_cache.view(torch.int16), k_before.view(torch.int16))
-    assert torch.equal(v_cache.view(torch.int16), v_before.view(torch.int16))
-
-
-@pytest.mark.gpu
-@pytest.mark.gpu_quick
-def test_bad_input_raises_before_any_write():
-    step = make_step(2, 2, (4, 2), 64, 40, [3, 30], torch.float16)
-    with pytest.raises(RuntimeError, match="v_new must be a CUDA tensor"):
-        _op()(*step[:2], step[2].cpu(), *step[3:], None, DECODE, 2, 0.125)
-    check_bad_decode_input_raises_before_any_write(_op(), step, 2)
+@pytest.mark.parametrize("backend", [pytest.param("cuda_emulated", marks=EMULATED),
+                                     pytest.param("cuda", marks=ON_GPU)])
+def test_bad_input_raises_before_any_write(backend):
+    """Each bad argument raises a clear error before any write; the GPU op also refuses a CPU tensor."""
+    op = cached_attention_op(backend)
+    step = make_step(2, 2, (4, 2), 64, 40, [3, 30], FP16, **STEP_ON[backend])
+    if backend == "cuda":
+        with pytest.raises(RuntimeError, match="v_new must be a CUDA tensor"):
+            op(*step[:2], step[2].cpu(), *step[3:], None, DECODE, 2, 0.125)
+    check_bad_decode_input_raises_before_any_write(op, step, 2)

@@ -2,88 +2,33 @@
 
 The same kernel sources as the ``cuda`` backend, behind the same binding checks, executed
 by the emulator (an OS thread per CUDA thread, late-landing cp.async, ldmatrix/mma.sync with
-the PTX fragment layouts). The cases of the GPU files (test_cuda_decode_attention.py,
-test_accept_drafts.py) scaled to the CPU: head dim 64 and 128, fp16 and bf16, GQA groups
-1, 2, 3, 4, 6, 8, draft lengths 1, 2, 3, 4, 8, 16, 32, caches from 0 to a few hundred rows with NaN
-in every unused row, split counts forced to 1, 3, 7 (TIDAR_FORCE_DECODE_SPLITS) or planned,
-seven splits whose weights and values span orders of magnitude (the partials are stored in
-the kernel's dtype), caches filled to max_len, rows written and untouched; the accept kernel's ties, NaN, beta
-0 / 0.5 / 1, inactive sequences, ragged lengths, subnormals, strided and mixed-dtype logits;
-bad input raising before any write. Outputs against the reference under the tolerance rule.
+the PTX fragment layouts). The cases of the GPU files scaled to the CPU: head dim 64 and 128,
+fp16 and bf16, GQA groups 1, 2, 3, 4, 6, 8, draft lengths 1, 2, 3, 4, 8, 16, 32, caches from 0
+to a few hundred rows with NaN in every unused row, split counts forced to 1, 3, 7
+(TIDAR_FORCE_DECODE_SPLITS) or planned, caches filled to max_len, rows written and untouched;
+the accept kernel's beta 0 / 0.5 / 1, inactive sequences, ragged lengths, strided and
+mixed-dtype logits. Outputs against the reference under the tolerance rule. The checks the two
+backends share case for case (seven splits whose weights and values span orders of magnitude,
+bad input raising before any write; the accept kernel's ties, NaN and subnormals) are tests of
+test_cuda_decode_attention.py and test_accept_drafts.py parametrised over both backends.
 """
 import pytest
 import torch
+from helpers.accept_cases import check_against_twin, random_case
+from helpers.cuda_backends import EMULATED, accept_drafts_op, cached_attention_op
+from helpers.decode_steps import DECODE, check_step, make_step, references
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends
 from tidar_kernels.kernels.backends import Call, reference
-from tidar_kernels.kernels.mask import Layout
-from tidar_kernels.kernels.tolerance import assert_close_by_rule, attention_bounds
+from tidar_kernels.kernels.tolerance import assert_close_by_rule
 
-from test_accept_drafts import subnormal_case
-from test_cuda_decode_attention import (SKEWED_SPLITS, check_bad_decode_input_raises_before_any_write,
-                                        check_cache_writes, make_skewed_step, split_weight_spread)
-
-DECODE = int(Layout.DECODE)
-
-pytestmark = pytest.mark.skipif(backends.load("cuda_emulated") is None,
-                                reason="the emulated extension tidar_kernels._C_emulated is not built")
-
-
-def _op():
-    return torch.ops.tidar.cached_attention_cuda_emulated.default
-
-
-def _accept_op():
-    return torch.ops.tidar.accept_drafts_cuda_emulated.default
+pytestmark = EMULATED
 
 
 # ================================================================================================
 # Decode-step attention
 # ================================================================================================
-
-def make_step(batch, k, heads, head_dim, max_len, lengths, dtype, seed=0):
-    """Random step inputs on the CPU; every cache row at or past n holds NaN."""
-    q_heads, kv_heads = heads
-    steps = k + k * k
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    q, k_new, v_new = randn(batch, steps, q_heads, head_dim), randn(batch, steps, kv_heads, head_dim), \
-        randn(batch, steps, kv_heads, head_dim)
-    k_cache = torch.full((batch, max_len, kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = k_cache.clone()
-    for b, n in enumerate(lengths):
-        k_cache[b, :n] = randn(n, kv_heads, head_dim)
-        v_cache[b, :n] = randn(n, kv_heads, head_dim)
-    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
-    return q, k_new, v_new, k_cache, v_cache, cache_seqlens
-
-
-def references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale):
-    """(fp64 output, the same math by PyTorch in q's dtype, the forward-error bound); unused rows zeroed
-    for the reference only."""
-    steps, max_len = q.shape[1], k_cache.shape[1]
-    allowed = reference.cached_mask(Layout.DECODE, cache_seqlens, max_len, steps, k, k, None)
-    keys = torch.cat([k_cache, k_new], dim=1).nan_to_num()
-    values = torch.cat([v_cache, v_new], dim=1).nan_to_num()
-    hi, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=torch.float64)
-    lo, _ = reference.masked_attention(q, keys, values, allowed, scale, dtype=q.dtype)
-    return hi, lo, attention_bounds(q, keys, values, allowed, scale)["out"]
-
-
-def check_step(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale=None, name="output"):
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, cache_seqlens, k, scale)
-    k_before, v_before, n_before = k_cache.clone(), v_cache.clone(), cache_seqlens.clone()
-    out = _op()(q, k_new, v_new, k_cache, v_cache, cache_seqlens, None, DECODE, k, scale)
-    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_close_by_rule(out, hi, lo, bound, name=name)
-    check_cache_writes(k_before, v_before, k_cache, v_cache, k_new, v_new, cache_seqlens, k)
-    assert torch.equal(cache_seqlens, n_before), "the attention op must not move the lengths"
-
 
 FP16, BF16 = torch.float16, torch.bfloat16
 # (k, (q_heads, kv_heads), lengths per sequence, max_len, dtype, head_dim, forced splits or None)
@@ -103,40 +48,33 @@ CASES = [
 
 @pytest.mark.parametrize("k,heads,lengths,max_len,dtype,head_dim,splits", CASES)
 def test_decode_matches_reference(monkeypatch, k, heads, lengths, max_len, dtype, head_dim, splits):
+    op = cached_attention_op("cuda_emulated")
     if splits is not None:
         monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(splits))
     step = make_step(len(lengths), k, heads, head_dim, max_len, lengths, dtype, seed=k * 31 + head_dim)
-    check_step(*step, k)
+    check_step(op, *step, k)
 
 
 def test_split_counts_agree(monkeypatch):
     """One step under 1, 3 and 7 forced splits (chunks past n stay empty): each within the rule."""
+    op = cached_attention_op("cuda_emulated")
     for splits in (1, 3, 7):
         monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(splits))
         step = make_step(1, 2, (4, 2), 64, 200, [190], FP16, seed=5)
-        check_step(*step, 2, name=f"{splits} splits")
-
-
-@pytest.mark.parametrize("dtype,head_dim", [(FP16, 64), (BF16, 128)], ids=["fp16-d64", "bf16-d128"])
-def test_skewed_split_magnitudes_within_rule(monkeypatch, dtype, head_dim):
-    """Seven splits whose weights span > 10^6 in every row (early cache rows dominate) and whose
-    values span 2^12: the partials, stored in the kernel's dtype, stay within the rule (its
-    bound counts one rounding of each normalised partial)."""
-    monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", str(SKEWED_SPLITS))
-    step = make_skewed_step(dtype, "cpu", head_dim, unused=float("nan"))
-    assert split_weight_spread(step[0], step[3], step[5], SKEWED_SPLITS).min() > 1e6
-    check_step(*step, 2)
+        check_step(op, *step, 2, name=f"{splits} splits")
 
 
 def test_forced_split_count_is_validated(monkeypatch):
+    op = cached_attention_op("cuda_emulated")
     monkeypatch.setenv("TIDAR_FORCE_DECODE_SPLITS", "0")
     step = make_step(1, 1, (2, 2), 64, 8, [3], FP16)
     with pytest.raises(RuntimeError, match="TIDAR_FORCE_DECODE_SPLITS must be an integer in"):
-        _op()(*step, None, DECODE, 1, 0.125)
+        op(*step, None, DECODE, 1, 0.125)
 
 
 def test_strided_inputs_and_custom_scale():
     """q/k/v as slices of one fused projection, caches as slices of one wider buffer."""
+    op = cached_attention_op("cuda_emulated")
     batch, k, q_heads, kv_heads, dim, max_len = 2, 2, 4, 2, 64, 72
     steps = k + k * k
     fused = torch.randn(batch, steps, q_heads + 2 * kv_heads, dim, dtype=BF16)
@@ -146,7 +84,7 @@ def test_strided_inputs_and_custom_scale():
     for b, n in enumerate(lengths.tolist()):
         wide[:, b, :n] = torch.randn(2, n, kv_heads + 1, dim).to(BF16)
     k_cache, v_cache = wide[0, :, :, :kv_heads], wide[1, :, :, 1:]
-    check_step(q, k_new, v_new, k_cache, v_cache, lengths, k, scale=0.05)
+    check_step(op, q, k_new, v_new, k_cache, v_cache, lengths, k, scale=0.05)
 
 
 def test_public_api_and_registry():
@@ -164,45 +102,15 @@ def test_public_api_and_registry():
 
 
 def test_opcheck():
+    op = cached_attention_op("cuda_emulated")
     step = make_step(1, 1, (2, 1), 64, 12, [5], BF16)
     step = tuple(t.nan_to_num() for t in step)  # opcheck compares repeated runs, NaN != NaN
-    torch.library.opcheck(_op(), (*step, None, DECODE, 1, 0.125))
-
-
-def test_bad_input_raises_before_any_write():
-    check_bad_decode_input_raises_before_any_write(_op(), make_step(2, 2, (4, 2), 64, 40, [3, 30], FP16), 2)
+    torch.library.opcheck(op, (*step, None, DECODE, 1, 0.125))
 
 
 # ================================================================================================
 # Accept and commit
 # ================================================================================================
-
-def random_case(batch, k, vocab, dtype, seed, tie_values=False, match_prob=0.7, beta=0.5):
-    """Random logits, drafts that match the reference targets with probability match_prob."""
-    gen = torch.Generator().manual_seed(seed)
-    if tie_values:  # few distinct values: many ties
-        a = torch.randint(0, 4, (batch, k, vocab), generator=gen).to(dtype)
-        b = torch.randint(0, 4, (batch, k, vocab), generator=gen).to(dtype)
-    else:
-        a = torch.randn(batch, k, vocab, generator=gen).to(dtype)
-        b = torch.randn(batch, k, vocab, generator=gen).to(dtype)
-    mixed = (beta * a.float() + (1.0 - beta) * b.float()).argmax(-1)
-    drafts = torch.randint(0, vocab, (batch, k), generator=gen)
-    keep = torch.rand(batch, k - 1, generator=gen) < match_prob
-    drafts[:, 1:] = torch.where(keep, mixed[:, :-1], drafts[:, 1:])
-    lengths = torch.randint(0, 1000, (batch,), generator=gen, dtype=torch.int32)  # ragged
-    return drafts, a, b, lengths
-
-
-def check_against_twin(drafts, a, b, lengths, beta, active=None):
-    want_lengths, got_lengths = lengths.clone(), lengths.clone()
-    want_acc, want_targets = reference.accept_drafts(drafts, a, b, want_lengths, active, beta)
-    got_acc, got_targets = _accept_op()(drafts, a, b, got_lengths, active, beta)
-    assert got_acc.dtype == torch.int32 and got_targets.dtype == torch.int64
-    assert torch.equal(got_targets, want_targets)
-    assert torch.equal(got_acc, want_acc)
-    assert torch.equal(got_lengths, want_lengths)
-
 
 @pytest.mark.parametrize("dtype,batch,k,vocab,beta", [
     pytest.param(torch.float16, 1, 1, 50, 0.0, id="fp16-B1-k1-V50-beta0"),
@@ -211,49 +119,34 @@ def check_against_twin(drafts, a, b, lengths, beta, active=None):
     pytest.param(torch.float16, 1, 16, 1000, 0.3, id="fp16-B1-k16-V1000-beta0.3"),
 ])
 def test_accept_matches_twin(dtype, batch, k, vocab, beta):
+    op = accept_drafts_op("cuda_emulated")
     drafts, a, b, lengths = random_case(batch, k, vocab, dtype, seed=batch * 1000 + k, beta=beta)
-    check_against_twin(drafts, a, b, lengths, beta)
-
-
-def test_accept_ties_go_to_lowest_index():
-    drafts, a, b, lengths = random_case(4, 3, 8200, torch.float16, seed=3, tie_values=True)
-    check_against_twin(drafts, a, b, lengths, 0.5)
-
-
-def test_accept_nan_wins_like_torch_argmax():
-    drafts, a, b, lengths = random_case(2, 3, 5000, torch.float32, seed=11)
-    a[0, 1, 4321] = float("nan")
-    a[1, 2, 7] = float("nan")
-    a[1, 2, 4500] = float("nan")
-    check_against_twin(drafts, a, b, lengths, 1.0)
+    check_against_twin(op, drafts, a, b, lengths, beta)
 
 
 def test_accept_inactive_strided_and_mixed_dtypes():
+    op = accept_drafts_op("cuda_emulated")
     drafts, a, b, lengths = random_case(4, 3, 3000, torch.bfloat16, seed=7)
     wide_a = torch.randn(4, 3, 3008, dtype=torch.bfloat16)
     wide_a[..., :3000] = a
     active = torch.tensor([True, False, True, False])
-    check_against_twin(drafts, wide_a[..., :3000], b, lengths, 1.0, active)
-    check_against_twin(drafts, a, b.float(), lengths, 0.5)
-
-
-def test_accept_subnormal_logits_compare_exactly():
-    a, b = subnormal_case()
-    check_against_twin(torch.tensor([[0, 3, 5]]), a, b, torch.tensor([4], dtype=torch.int32), 0.5)
+    check_against_twin(op, drafts, wide_a[..., :3000], b, lengths, 1.0, active)
+    check_against_twin(op, drafts, a, b.float(), lengths, 0.5)
 
 
 def test_accept_public_api_opcheck_and_bad_input():
+    op = accept_drafts_op("cuda_emulated")
     drafts, a, b, lengths = random_case(2, 2, 300, torch.bfloat16, seed=9)
     want = lengths.clone()
     want_acc, want_targets = reference.accept_drafts(drafts, a, b, want, None, 0.5)
     got_acc, got_targets = tk.accept_drafts(drafts, a, b, lengths, beta=0.5, backend="cuda_emulated")
     assert torch.equal(got_acc, want_acc) and torch.equal(got_targets, want_targets) and torch.equal(lengths, want)
-    torch.library.opcheck(_accept_op(), (drafts, a, b, lengths, torch.tensor([True, False]), 1.0))
+    torch.library.opcheck(op, (drafts, a, b, lengths, torch.tensor([True, False]), 1.0))
     before = lengths.clone()
     with pytest.raises(RuntimeError, match="drafts must be int64"):
-        _accept_op()(drafts.int(), a, b, lengths, None, 0.5)
+        op(drafts.int(), a, b, lengths, None, 0.5)
     with pytest.raises(RuntimeError, match="block_logits must be"):
-        _accept_op()(drafts, a, b[:, :1], lengths, None, 0.5)
+        op(drafts, a, b[:, :1], lengths, None, 0.5)
     with pytest.raises(RuntimeError, match="block_logits must be float16, bfloat16 or float32"):
-        _accept_op()(drafts, a, b.double(), lengths, None, 0.5)
+        op(drafts, a, b.double(), lengths, None, 0.5)
     assert torch.equal(lengths, before)

@@ -4,10 +4,10 @@ import dataclasses
 import json
 import math
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.gpt2 import gpt2_directory
 
 from tidar_kernels.training import evaluate as E
 from tidar_kernels.training import humaneval
@@ -129,14 +129,6 @@ def test_smollm2_humaneval_cli(capsys):
 # ----------------------------------------------------------------------------
 
 
-def _gpt2_directory(directory: Path) -> str:
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "vocab_size": 50}))
-    from safetensors.torch import save_file
-    save_file({"wte.weight": torch.zeros(50, 8)}, str(directory / "model.safetensors"))
-    return str(directory)
-
-
 @pytest.mark.parametrize("case", ["another architecture", "baseline with another tokenizer", "no held-out file",
                                   "too many prompts", "bad draft length", "missing json directory",
                                   "unknown task", "limit out of range", "limit without humaneval",
@@ -146,7 +138,7 @@ def test_bad_input_is_a_clear_error_and_writes_no_report(case, run_dir, tmp_path
     kwargs = dict(SMALL_EVAL, json_path=str(tmp_path / "report.json"))
     baseline = None
     if case == "another architecture":
-        model, match = _gpt2_directory(tmp_path / "gpt2"), "model_type must be one of"
+        model, match = gpt2_directory(tmp_path / "gpt2"), "model_type must be one of"
     elif case == "baseline with another tokenizer":
         other = train(dataclasses.replace(QUICK, vocab_size=330, steps=1, save_every=0,
                                             out_dir=str(tmp_path / "other")))

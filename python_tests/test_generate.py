@@ -7,21 +7,17 @@ checks the usual case (drafts rejected, acc = 1).
 """
 import pytest
 import torch
-from cuda_checks import assert_steps_never_sync
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from helpers.cuda_checks import assert_steps_never_sync
+from helpers.models import tiny_with_vocab
 
 from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1], [4]]
-
-
-def tiny_model(seed: int, vocab_size: int = 6, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = TransformerConfig.from_name("tiny", vocab_size=vocab_size, mask_token_id=vocab_size - 1, **overrides)
-    return Transformer(config).eval()
 
 
 def assert_same_tokens(tidar, ar):
@@ -31,7 +27,7 @@ def assert_same_tokens(tidar, ar):
 
 @pytest.mark.parametrize("seed", range(12), ids=lambda s: f"seed{s}")
 def test_greedy_beta1_equals_ar_all_draft_lengths(seed):
-    model = tiny_model(seed, qkv_bias=seed % 2 == 1, qk_norm=seed % 3 == 2, tie_embeddings=seed % 2 == 0)
+    model = tiny_with_vocab(seed, qkv_bias=seed % 2 == 1, qk_norm=seed % 3 == 2, tie_embeddings=seed % 2 == 0)
     ids, lens = pad_prompts(PROMPTS)
     ar = ar_generate(model, ids, 19, prompt_lens=lens)
     for k in range(1, 9):
@@ -43,13 +39,13 @@ def test_greedy_beta1_equals_ar_all_draft_lengths(seed):
 def test_acceptance_beyond_one_is_exercised():
     """Guard for the suite: with the 6-token models some steps accept several drafts."""
     ids, lens = pad_prompts(PROMPTS)
-    histogram = tidar_generate(tiny_model(2), ids, 19, 8, prompt_lens=lens).acceptance_histogram
+    histogram = tidar_generate(tiny_with_vocab(2), ids, 19, 8, prompt_lens=lens).acceptance_histogram
     assert sum(histogram[2:]) > 0 and sum(histogram[4:]) > 0
 
 
 @pytest.mark.parametrize("seed", range(3), ids=lambda s: f"seed{s}")
 def test_greedy_beta1_equals_ar_wide_vocab(seed):
-    model = tiny_model(seed, vocab_size=97)
+    model = tiny_with_vocab(seed, vocab_size=97)
     ids, lens = pad_prompts([[5, 17, 3], [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]])
     ar = ar_generate(model, ids, 13, prompt_lens=lens)
     for k in (1, 3, 4, 7):
@@ -59,7 +55,7 @@ def test_greedy_beta1_equals_ar_wide_vocab(seed):
 @pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
 def test_stop_tokens_mid_step(seed):
     """A stop token may be emitted in the middle of a step's accepted run; output ends there."""
-    model = tiny_model(seed)
+    model = tiny_with_vocab(seed)
     ids, lens = pad_prompts(PROMPTS)
     for stop in ([2], [0, 3]):
         ar = ar_generate(model, ids, 17, prompt_lens=lens, eos_token_id=stop)
@@ -72,7 +68,7 @@ def test_stop_tokens_mid_step(seed):
 
 
 def test_odd_max_new_tokens_and_single_token():
-    model = tiny_model(7)
+    model = tiny_with_vocab(7)
     ids, lens = pad_prompts(PROMPTS)
     for max_new in (1, 2, 11):
         ar = ar_generate(model, ids, max_new, prompt_lens=lens)
@@ -84,7 +80,7 @@ def test_odd_max_new_tokens_and_single_token():
 
 def test_batch_equals_one_by_one():
     """Per-sequence acceptance: a batch gives each sequence what it gets alone."""
-    model = tiny_model(2)
+    model = tiny_with_vocab(2)
     ids, lens = pad_prompts(PROMPTS)
     batched = tidar_generate(model, ids, 15, 4, prompt_lens=lens, eos_token_id=4)
     for i, prompt in enumerate(PROMPTS):
@@ -93,7 +89,7 @@ def test_batch_equals_one_by_one():
 
 
 def test_left_padding_with_attention_mask():
-    model = tiny_model(3)
+    model = tiny_with_vocab(3)
     right, lens = pad_prompts(PROMPTS, pad_token_id=0)
     padded = right.shape[1]
     left = torch.zeros_like(right)
@@ -107,7 +103,7 @@ def test_left_padding_with_attention_mask():
 
 
 def test_stats_and_stream():
-    model = tiny_model(1)
+    model = tiny_with_vocab(1)
     streamed = []
     result = tidar_generate(model, torch.tensor([[1, 2, 3]]), 9, 3, stream=streamed.extend)
     assert streamed == result.sequences()[0]
@@ -117,7 +113,7 @@ def test_stats_and_stream():
 
 def test_beta_zero_runs_and_differs_in_general():
     """beta = 0 trusts diffusion: a valid decode (committed tokens are the block's own argmax)."""
-    model = tiny_model(0, vocab_size=97)
+    model = tiny_with_vocab(0, vocab_size=97)
     result = tidar_generate(model, torch.tensor([[5, 6, 7]]), 10, 4, beta=0.0)
     assert result.lengths.tolist() == [10]
     assert result.tokens.max() < 96  # the mask token is never emitted
@@ -175,7 +171,7 @@ def reference_tidar_greedy(model, prompt, max_new_tokens, k, beta):
 @pytest.mark.parametrize("seed", [2, 4], ids=lambda s: f"seed{s}")  # seeds whose drafts often pass
 def test_greedy_matches_reference_for_any_beta(seed, beta):
     """Tokens (beta < 1: the blocks' first slots decide them) and acceptances (the drafts from block ``acc``)."""
-    model = tiny_model(seed)
+    model = tiny_with_vocab(seed)
     ids, lens = pad_prompts(PROMPTS)
     for k in (1, 3, 4):
         result = tidar_generate(model, ids, 9, k, beta=beta, prompt_lens=lens)
@@ -211,7 +207,7 @@ def test_greedy_matches_reference_for_any_beta(seed, beta):
     (dict(top_k=0), "top_k"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input(kwargs, match):
-    model = tiny_model(0)
+    model = tiny_with_vocab(0)
     args = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=4, draft_len=2) | kwargs
     with pytest.raises(ValueError, match=match):
         tidar_generate(model, **args)
@@ -225,7 +221,7 @@ def test_missing_mask_token():
 
 
 def test_prompt_longer_than_cache():
-    model = tiny_model(0)
+    model = tiny_with_vocab(0)
     with pytest.raises(ValueError, match="max_len"):
         ar_generate(model, torch.ones(1, 30, dtype=torch.long), 4, max_len=20)
 
@@ -239,7 +235,7 @@ def test_cli_streams_and_reports(tmp_path, capsys):
     from tidar_kernels.model.checkpoints import save_pretrained
     from tidar_kernels.model.generate import main
 
-    save_pretrained(tiny_model(0, vocab_size=97), tmp_path)
+    save_pretrained(tiny_with_vocab(0, vocab_size=97), tmp_path)
     tokenizer = Tokenizer(WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
     tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(tmp_path / "tokenizer.json"))
@@ -258,7 +254,7 @@ def test_cli_streams_and_reports(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_cuda_graph_step_matches_eager():
-    model = tiny_model(0).cuda()
+    model = tiny_with_vocab(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
     for k in (1, 4, 8):
         graphed = tidar_generate(model, ids, 19, k, prompt_lens=lens, eos_token_id=2, sync_every=3)
@@ -273,7 +269,7 @@ def test_bf16_agreement_rate():
     """bf16 on CUDA: TiDAR (beta = 1) and AR agree up to argmax ties; report the token agreement."""
     agree = total = 0
     for seed in range(4):
-        model = tiny_model(seed, vocab_size=97).cuda().to(torch.bfloat16)
+        model = tiny_with_vocab(seed, vocab_size=97).cuda().to(torch.bfloat16)
         ids, lens = pad_prompts([[5, 17, 3], [90, 1, 2, 3, 4, 5], [42]], device="cuda")
         ar = ar_generate(model, ids, 32, prompt_lens=lens)
         tidar = tidar_generate(model, ids, 32, 4, prompt_lens=lens)
@@ -290,7 +286,7 @@ def test_step_never_syncs(temperature):
     """A decode step (TiDAR and AR) launches work only: CUDA's sync debug mode turns any sync into an error."""
     from tidar_kernels.model import generate
 
-    model = tiny_model(0).cuda()
+    model = tiny_with_vocab(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
     setup = generate._prepare(model, ids, 16, 4, temperature, None, None, 2, lens, None, None, None, 8)
     for loop in (generate._TidarLoop(model, setup, 4, 1.0), generate._ArLoop(model, setup)):

@@ -2,14 +2,13 @@
 compact rule (key_ranges, classify_tile, position ids) against the token rule."""
 import pytest
 import torch
+from helpers import mask_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import mask as M
 from tidar_kernels.kernels.mask import Layout, TileKind
-
-import mask_cases
 
 
 def rows(text: str) -> torch.Tensor:
@@ -152,7 +151,7 @@ def test_prefill_and_training_position_ids_from_compact_form():
 def test_committed_cpp_cases_are_current():
     """csrc/tests/mask_cases.txt (read by CTest) must be what mask.py produces today."""
     assert mask_cases.CASES_FILE.read_text() == mask_cases.render(), \
-        "run `python python_tests/mask_cases.py` to regenerate the C++ cases"
+        "run `python python_tests/helpers/mask_cases.py` to regenerate the C++ cases"
 
 
 def _can_run_triton():

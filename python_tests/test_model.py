@@ -1,9 +1,10 @@
 """The reference transformer: parity with transformers' Llama / Qwen2 / Qwen3, TiDAR layouts, bad input."""
 import pytest
 import torch
+from helpers.models import tiny
 
 from tidar_kernels.model.checkpoints import load_hf
-from tidar_kernels.model.transformer import CONFIGS, Transformer, TransformerConfig
+from tidar_kernels.model.transformer import CONFIGS, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,11 +35,6 @@ def test_causal_logits_match_transformers(arch, tie, tmp_path):
         got = ours.forward_causal(ids)
     assert got.shape == (2, 13, HF_COMMON["vocab_size"] + 1)  # + the added mask token
     torch.testing.assert_close(got[..., :-1], expected, rtol=1e-5, atol=1e-5)
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return Transformer(TransformerConfig.from_name("tiny", **overrides)).eval()
 
 
 def training_ids(clean):

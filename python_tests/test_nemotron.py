@@ -17,7 +17,6 @@ import torch
 from helpers.nemotron import (EOS_ID, MASK_ID, ROPE, TINY, as_causal_lm_state, nemotron_config, random_weights,
                               write_nemotron)
 from safetensors.torch import load_file, save_file
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.kernels.mask import Layout
 from tidar_kernels.kernels.tolerance import assert_close_by_rule
@@ -33,6 +32,8 @@ from transformers import Ministral3Config, Ministral3ForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import _compute_yarn_parameters  # noqa: E402
 
 from tidar_kernels.integrations import transformers as tt  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

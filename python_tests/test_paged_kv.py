@@ -4,7 +4,7 @@ Every backend that takes a paged CPU call (the reference; Triton under
 ``TRITON_INTERPRET=1``) runs each cached op on shuffled pages of sizes 1, 3, 16 and
 64 and must return what the contiguous cache gives (tolerance rule against fp64
 math), write exactly the new rows through the table and leave every other row and
-page (NaN-poisoned) untouched; see :func:`cached_cases.check_cached_call`. The CUDA
+page (NaN-poisoned) untouched; see :func:`helpers.cached_cases.check_cached_call`. The CUDA
 kernel's decode step gets the same checks on the CPU through the ``cuda_emulated``
 backend (pages 1 to 256; fp16 and bf16; head dims 64 and 128; GQA), its
 paged output bit-identical to the contiguous call's. Bad tables raise before anything
@@ -12,12 +12,12 @@ is written; the loops on a paged cache emit the contiguous loops' tokens.
 """
 import pytest
 import torch
-from cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
-from cuda_checks import assert_steps_never_sync, capture_after_warmup
+from helpers.cached_cases import INTERPRET, check_cached_call, cpu_cached_backends
+from helpers.cuda_checks import assert_steps_never_sync, capture_after_warmup
+from helpers.models import tiny_with_vocab
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 import tidar_kernels as tk
 from tidar_kernels.kernels import backends
@@ -26,8 +26,9 @@ from tidar_kernels.kernels.backends.cuda_kernels import kernels_support
 from tidar_kernels.model.generate import ar_generate, pad_prompts, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
 from tidar_kernels.kernels.mask import Layout
-from tidar_kernels.model.transformer import Transformer, TransformerConfig
 from tidar_kernels.kernels.validation import MAX_PAGE_SIZE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAGED_BACKENDS = cpu_cached_backends(paged=True)
 PAGE_SIZES = [1, 3, 16, 64]
@@ -482,15 +483,9 @@ def test_decode_steps_on_the_pool_match_the_contiguous_cache():
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1], [4]]
 
 
-def tiny_model(seed: int, vocab_size: int = 6) -> Transformer:
-    torch.manual_seed(seed)
-    config = TransformerConfig.from_name("tiny", vocab_size=vocab_size, mask_token_id=vocab_size - 1)
-    return Transformer(config).eval()
-
-
 @pytest.mark.parametrize("page_size", [1, 3, 16], ids=lambda p: f"page{p}")
 def test_loops_on_pages_emit_the_contiguous_tokens(page_size):
-    model = tiny_model(2)
+    model = tiny_with_vocab(2)
     ids, lens = pad_prompts(PROMPTS)
     ar = ar_generate(model, ids, 19, prompt_lens=lens)
     paged_ar = ar_generate(model, ids, 19, prompt_lens=lens, page_size=page_size)
@@ -503,7 +498,7 @@ def test_loops_on_pages_emit_the_contiguous_tokens(page_size):
 
 
 def test_sampled_loop_on_pages_matches_contiguous():
-    model = tiny_model(4, vocab_size=11)
+    model = tiny_with_vocab(4, vocab_size=11)
     ids, lens = pad_prompts(PROMPTS[:3])
     runs = [tidar_generate(model, ids, 12, 3, temperature=0.8, top_p=0.9, prompt_lens=lens,
                            generator=torch.Generator().manual_seed(7), **paging) for paging in ({}, {"page_size": 2})]
@@ -521,7 +516,7 @@ def test_finished_sequences_give_their_pages_back(monkeypatch):
         released.append((list(sequences), keep_rows, self.free_pages - before))
 
     monkeypatch.setattr(PagedKVCache, "release", recording_release)
-    model = tiny_model(2)
+    model = tiny_with_vocab(2)
     ids, lens = pad_prompts([[1, 2, 3, 4, 0], [4]])
     contiguous = tidar_generate(model, ids, 19, 2, prompt_lens=lens, eos_token_id=3)
     paged = tidar_generate(model, ids, 19, 2, prompt_lens=lens, eos_token_id=3, page_size=1)
@@ -536,7 +531,7 @@ def test_page_management_at_a_stop_check():
     """Running sequences get pages for ``steps * k`` more rows; a finished one keeps only its scratch rows'."""
     from tidar_kernels.model import generate
 
-    model = tiny_model(0)
+    model = tiny_with_vocab(0)
     ids, lens = pad_prompts(PROMPTS)
     setup = generate._prepare(model, ids, 30, 3, 0.0, None, None, None, lens, None, None, None, 8, page_size=2)
     loop = generate._TidarLoop(model, setup, 3, 1.0)
@@ -559,11 +554,11 @@ def test_page_management_at_a_stop_check():
 def test_pool_too_small_is_a_clear_error():
     ids, lens = pad_prompts(PROMPTS)
     with pytest.raises(RuntimeError, match="page pool exhausted"):
-        tidar_generate(tiny_model(0), ids, 5, 2, prompt_lens=lens, page_size=4, num_pages=3)
+        tidar_generate(tiny_with_vocab(0), ids, 5, 2, prompt_lens=lens, page_size=4, num_pages=3)
     with pytest.raises(ValueError, match="num_pages .* needs page_size"):
-        ar_generate(tiny_model(0), ids, 5, prompt_lens=lens, num_pages=3)
+        ar_generate(tiny_with_vocab(0), ids, 5, prompt_lens=lens, num_pages=3)
     with pytest.raises(ValueError, match="page_size must be an integer >= 1"):
-        ar_generate(tiny_model(0), ids, 5, prompt_lens=lens, page_size=0)
+        ar_generate(tiny_with_vocab(0), ids, 5, prompt_lens=lens, page_size=0)
 
 
 # ----------------------------------------------------------------------------
@@ -664,7 +659,7 @@ def test_paged_decode_step_cuda_graph_replay_with_changing_tables(backend):
 @pytest.mark.gpu
 @pytest.mark.gpu_quick
 def test_paged_loops_on_gpu_match_contiguous():
-    model = tiny_model(0).cuda()
+    model = tiny_with_vocab(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
     for k in (1, 4):
         contiguous = tidar_generate(model, ids, 19, k, prompt_lens=lens, eos_token_id=2, sync_every=3)
@@ -682,7 +677,7 @@ def test_paged_step_never_syncs():
     """Pages are reserved at the stop check; the step itself only launches work."""
     from tidar_kernels.model import generate
 
-    model = tiny_model(0).cuda()
+    model = tiny_with_vocab(0).cuda()
     ids, lens = pad_prompts(PROMPTS, device="cuda")
     setup = generate._prepare(model, ids, 16, 4, 0.0, None, None, 2, lens, None, None, None, 8, page_size=16)
     for loop in (generate._TidarLoop(model, setup, 4, 1.0), generate._ArLoop(model, setup)):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.gpt2 import gpt2_directory
 from safetensors.torch import load_file
 
 from tidar_kernels.training.checkpointing import STATE_JSON
@@ -65,14 +66,6 @@ def test_trainable_layers_train_only_the_top_blocks(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _gpt2_directory(directory: Path) -> str:
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "vocab_size": 50}))
-    from safetensors.torch import save_file
-    save_file({"wte.weight": torch.zeros(50, 8)}, str(directory / "model.safetensors"))
-    return str(directory)
-
-
 def _corpus(directory: Path, names) -> str:
     directory.mkdir()
     for name in names:
@@ -95,7 +88,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
         assert written(out) == []
         return
     if case == "another architecture":
-        args = recipe_args("smollm2-tidar", init=_gpt2_directory(tmp_path / "gpt2"), **small)
+        args = recipe_args("smollm2-tidar", init=gpt2_directory(tmp_path / "gpt2"), **small)
         match = "model_type must be one of"
     elif case == "no held-out file":
         only = _corpus(tmp_path / "one-file", ["only.py"])  # its name hashes into the training split

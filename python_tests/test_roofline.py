@@ -5,8 +5,8 @@ Figures: H100 SXM and H200 (132 SMs, 989 TFLOP/s dense bf16, 3.35 / 4.8 TB/s), A
 """
 import pytest
 import torch
+from helpers import decode_plan_cases
 
-import decode_plan_cases
 from tidar_kernels.kernels import roofline
 from tidar_kernels.kernels.roofline import A100, H100, H200, CachedKernel, CachedStep
 
@@ -159,7 +159,7 @@ def test_cuda_planner_counts_16bit_partials_and_takes_the_slack():
 def test_cuda_planner_cases_are_current():
     """csrc/tests/decode_plan_cases.txt (read by CTest) must be what roofline.py produces today."""
     assert decode_plan_cases.CASES_FILE.read_text() == decode_plan_cases.render(), \
-        "run `python python_tests/decode_plan_cases.py` to regenerate the C++ planner cases"
+        "run `python python_tests/helpers/decode_plan_cases.py` to regenerate the C++ planner cases"
 
 
 def test_triton_planner_uses_the_model_and_static_sizes():

@@ -8,10 +8,11 @@ import itertools
 
 import pytest
 import torch
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
 
 from tidar_kernels.model.generate import ar_generate, sample, speculative_accept, tidar_generate, warp
 from tidar_kernels.model.transformer import Transformer, TransformerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:

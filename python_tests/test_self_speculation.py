@@ -8,9 +8,9 @@ cache whose unused rows hold NaN.
 """
 import pytest
 import torch
-from decode_plan_cases import cuda_decode_plan
+from helpers.decode_plan_cases import cuda_decode_plan
 from helpers.lora import random_lora
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+from helpers.models import tiny_with_vocab
 
 from tidar_kernels.kernels import ops
 from tidar_kernels.kernels.backends import load
@@ -20,16 +20,12 @@ from tidar_kernels.kernels import roofline
 from tidar_kernels.model import adapters
 from tidar_kernels.model.generate import ar_generate, linear_spec_generate, pad_prompts, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache, PagedKVCache
-from tidar_kernels.model.transformer import AttentionContext, Transformer, TransformerConfig
+from tidar_kernels.model.transformer import AttentionContext
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[1, 2, 3, 4, 0], [3, 2], [0, 1, 2, 3, 4, 0, 1]]
 PAGED = [pytest.param(None, id="contiguous"), pytest.param(3, id="paged3")]
-
-
-def tiny_model(seed: int, vocab_size: int = 6) -> Transformer:
-    torch.manual_seed(seed)
-    config = TransformerConfig.from_name("tiny", vocab_size=vocab_size, mask_token_id=vocab_size - 1)
-    return Transformer(config).eval()
 
 
 def with_lora(model):
@@ -40,7 +36,7 @@ def with_lora(model):
 @pytest.fixture(scope="module")
 def case():
     """A 6-token model (seed 2 accepts long drafts), its ragged batch and the AR reference."""
-    model = tiny_model(2)
+    model = tiny_with_vocab(2)
     ids, lens = pad_prompts(PROMPTS)
     return model, ids, lens, ar_generate(model, ids, 17, prompt_lens=lens).sequences()
 
@@ -63,7 +59,7 @@ def test_huge_lora_changes_drafts_not_tokens(case, page_size):
     model, ids, lens, ar = case
     plain = {k: linear_spec_generate(model, ids, 17, k, prompt_lens=lens).acceptance_histogram for k in (4, 8)}
     quad_plain = {k: tidar_generate(model, ids, 17, k, prompt_lens=lens).acceptance_histogram for k in (4, 8)}
-    lora_model = with_lora(tiny_model(2))
+    lora_model = with_lora(tiny_with_vocab(2))
     changed = 0
     for k in (1, 2, 3, 4, 5, 6, 7, 8):
         linear = linear_spec_generate(lora_model, ids, 17, k, prompt_lens=lens, page_size=page_size,
@@ -77,7 +73,7 @@ def test_huge_lora_changes_drafts_not_tokens(case, page_size):
 
 
 def test_block_len_32_wide_vocab_lora():
-    model = with_lora(tiny_model(0, vocab_size=97))
+    model = with_lora(tiny_with_vocab(0, vocab_size=97))
     ids, lens = pad_prompts([[5, 17, 3], [90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42]])
     ar = ar_generate(model, ids, 5, prompt_lens=lens).sequences()
     for page_size in (None, 4):
@@ -101,7 +97,7 @@ def test_linear_left_padding_and_stop_tokens(case):
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_draft_block_reads_cache_and_writes_nothing(paged):
     """The draft forward over a NaN-poisoned cache: every cache byte (NaN included) unchanged, finite output."""
-    model = with_lora(tiny_model(1, vocab_size=97))
+    model = with_lora(tiny_with_vocab(1, vocab_size=97))
     batch, prompt_len, block = 2, 6, 5
     if paged:
         cache = PagedKVCache.for_model(model, batch, 16, page_size=4)
@@ -179,7 +175,7 @@ def test_planners_take_k32():
 
 
 def test_bad_input_raises_before_any_forward(monkeypatch):
-    model = tiny_model(0)
+    model = tiny_with_vocab(0)
     ids, lens = pad_prompts(PROMPTS)
 
     def no_forward(*args, **kwargs):
@@ -212,7 +208,7 @@ def test_cli_modes(tmp_path, capsys, monkeypatch):
     from tidar_kernels.model import checkpoints
     from tidar_kernels.model.generate import main
 
-    model = tiny_model(0, vocab_size=97)
+    model = tiny_with_vocab(0, vocab_size=97)
     checkpoints.save_pretrained(model, tmp_path)
     vocab = {f"w{i}": i for i in range(95)} | {"<|endoftext|>": 95}
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))

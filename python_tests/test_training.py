@@ -3,17 +3,12 @@ import math
 
 import pytest
 import torch
+from helpers.models import tiny
 
-from tidar_kernels.model.transformer import Transformer, TransformerConfig
 from tidar_kernels.training.objective import (IGNORE_INDEX, PAD_DOC_ID, build_training_batch, causal_labels, label_counts,
                                     tidar_loss)
 
 MASK = 96  # the "tiny" config's mask token id
-
-
-def tiny_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(TransformerConfig.from_name("tiny", **overrides)).double()
 
 
 # ----------------------------------------------------------------------------
@@ -122,7 +117,7 @@ def test_loss_rejects_bad_shapes_and_alpha():
 
 
 def test_gradients_reach_every_parameter():
-    model = tiny_model()
+    model = tiny().train().double()
     x = torch.randint(0, MASK, (2, 8))
     batch = build_training_batch(x, MASK, 4)
     loss = tidar_loss(model.forward_training(batch.input_ids, 4), batch.labels)
@@ -134,7 +129,7 @@ def test_gradients_reach_every_parameter():
 
 def test_ar_part_alone_gives_no_gradient_through_mask_rows():
     """alpha -> only-AR: the diffusion half's logits do not enter the AR part (sanity of the split)."""
-    model = tiny_model()
+    model = tiny().train().double()
     x = torch.randint(0, MASK, (1, 8))
     batch = build_training_batch(x, MASK, 4)
     logits = model.forward_training(batch.input_ids, 4)
@@ -148,7 +143,7 @@ def test_ar_part_alone_gives_no_gradient_through_mask_rows():
 def test_mask_position_never_sees_its_label(block_size):
     """Changing x_i, or any clean token at or after the start of i's block, leaves mask logit i unchanged;
     changing a clean token before the block does change it (the test would notice a leak)."""
-    model = tiny_model(seed=1)
+    model = tiny(seed=1).train().double()
     seq_len = 8
     torch.manual_seed(5)
     x = torch.randint(0, MASK, (1, seq_len))

@@ -22,7 +22,7 @@ if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from cuda_checks import capture_after_warmup  # noqa: E402
+from helpers.cuda_checks import capture_after_warmup  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

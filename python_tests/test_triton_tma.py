@@ -24,7 +24,7 @@ import tidar_kernels as tk  # noqa: E402
 from tidar_kernels.kernels.backends import triton_ops  # noqa: E402
 from tidar_kernels.kernels.mask import Layout  # noqa: E402
 
-from cached_cases import check_cached_call  # noqa: E402
+from helpers.cached_cases import check_cached_call  # noqa: E402
 
 
 class LaunchSpy:

@@ -1,6 +1,6 @@
 // Host test of the CUDA decode planner (csrc/decode_attention_plan.cpp with the roofline
 // model of csrc/roofline.h): every case exported from tidar_kernels/kernels/roofline.py
-// (python_tests/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt) must give the
+// (python_tests/helpers/decode_plan_cases.py -> csrc/tests/decode_plan_cases.txt) must give the
 // same split count, so the C++ mirror of the model is checked without a GPU.
 #include <cstdio>
 #include <sstream>

@@ -1,5 +1,5 @@
 // Host test of csrc/tidar_mask.h: every case exported from tidar_kernels/kernels/mask.py
-// (python_tests/mask_cases.py -> csrc/tests/mask_cases.txt) must be reproduced
+// (python_tests/helpers/mask_cases.py -> csrc/tests/mask_cases.txt) must be reproduced
 // exactly, so the CUDA kernels' mask logic is checked without a GPU.
 #include <sstream>
 #include <string>

@@ -1,6 +1,6 @@
 """Cases of the compact mask rule shared by the Python and C++ tests.
 
-``python python_tests/mask_cases.py`` rewrites ``csrc/tests/mask_cases.txt``;
+``python python_tests/helpers/mask_cases.py`` rewrites ``csrc/tests/mask_cases.txt``;
 ``test_mask.py`` checks the committed file is current, and the CTest binary
 checks ``csrc/tidar_mask.h`` reproduces every line. Lines:
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tidar_kernels.kernels.mask import Layout, classify_tile, key_ranges  # noqa: E402

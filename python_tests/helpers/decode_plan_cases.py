@@ -5,7 +5,7 @@ of :mod:`tidar_kernels.kernels.roofline` mirrored in ``csrc/roofline.h``. :func:
 states that planner in Python with the kernel's tiling (64-row tiles, 4 warps, shared
 memory from ``decode_smem_bytes``, an extra split for the step's own keys, partial outputs
 in the 16-bit input dtype) and the Triton planner's ``PARTIAL_SLACK`` rule;
-``python python_tests/decode_plan_cases.py`` rewrites ``csrc/tests/decode_plan_cases.txt``,
+``python python_tests/helpers/decode_plan_cases.py`` rewrites ``csrc/tests/decode_plan_cases.txt``,
 ``test_roofline.py`` checks the committed file is current, and the CTest binary checks the
 C++ planner reproduces every line. Lines:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tidar_kernels.kernels import roofline  # noqa: E402
