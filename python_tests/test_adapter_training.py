@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from single_thread import one_thread  # noqa: F401 (autouse fixture)
+
+from helpers.hf_llama import llama_without_mask_token
 
 from tidar_kernels.model import adapters, checkpoints
 from tidar_kernels.model.generate import ar_generate, tidar_generate
@@ -24,6 +25,7 @@ from tidar_kernels.training.checkpointing import STATE_JSON, STATE_TENSORS, reso
 from tidar_kernels.training.config import TrainArgs, parse_args
 from tidar_kernels.training.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 QUICK = TrainArgs(config="tiny", max_chars=100_000, vocab_size=320, seq_len=32, block_size=4, batch_size=4,
                   steps=2, eval_rows=2, eval_prompts=1, eval_prompt_len=8, eval_new_tokens=4, progress=False)
@@ -50,23 +52,8 @@ def base_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     """A Hugging Face Llama directory whose tokenizer has no mask token: loading appends one (a new row)."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
-    directory = tmp_path_factory.mktemp("hf")
-    corpus = tdata.build_corpus(max_chars=100_000)
-    raw = json.loads(Tokenizer.from_str(
-        tdata.train_tokenizer((d.text for d in corpus.train), 320).tokenizer.to_str()).to_str())
-    for added in raw["added_tokens"]:
-        if added["content"] == tdata.MASK_TOKEN:
-            added["content"] = "<|unused|>"
-    raw["model"]["vocab"] = {("<|unused|>" if k == tdata.MASK_TOKEN else k): v for k, v in raw["model"]["vocab"].items()}
-    (directory / "tokenizer.json").write_text(json.dumps(raw))
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    pytest.importorskip("transformers")
+    return llama_without_mask_token(tmp_path_factory.mktemp("hf"), num_hidden_layers=2, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ head sizes and GQA groups, and whole decode loops equal to the reference's token
 import pytest
 import torch
 
-from cached_cases import check_cached_call
+from helpers.cached_cases import check_cached_call
 from tidar_kernels.kernels import ops
 from tidar_kernels.kernels.backends import cpu, reference
 from tidar_kernels.kernels.mask import Layout, layout_clean_rows

@@ -71,8 +71,8 @@ def test_cuda_backend_declines_what_it_does_not_implement():
     accept = Call(backends.ACCEPT_DRAFTS, gpu, torch.float32, 0, DECODE)
     assert not cuda.supports(accept._replace(dtype=torch.float64))
     assert not cuda.supports(accept._replace(device=torch.device("cpu")))
-    # On the CPU automatic selection never picks it.
-    assert backends.select(call._replace(device=torch.device("cpu")), None).name == "reference"
+    # On the CPU automatic selection never picks it (a plain-PyTorch backend answers there).
+    assert backends.select(call._replace(device=torch.device("cpu")), None).name in ("cpu", "reference")
 
 
 @needs_extension_build

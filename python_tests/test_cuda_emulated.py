@@ -94,7 +94,7 @@ def test_public_api_and_registry():
     assert emulated.supports(call) and not emulated.supports(call._replace(head_dim=96))
     assert not emulated.supports(call._replace(dtype=torch.float32))
     assert not emulated.supports(Call(backends.ACCEPT_DRAFTS, torch.device("cpu"), torch.float64, 0, DECODE))
-    assert backends.select(call, None).name == "reference"  # never picked automatically
+    assert backends.select(call, None).name in ("cpu", "reference")  # never picked automatically
     q, k_new, v_new, k_cache, v_cache, lengths = make_step(1, 2, (4, 2), 64, 30, [20], FP16)
     hi, lo, bound = references(q, k_new, v_new, k_cache, v_cache, lengths, 2, 64 ** -0.5)
     out = tk.decode_attention(q, k_new, v_new, k_cache, v_cache, lengths, 2, backend="cuda_emulated")

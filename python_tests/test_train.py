@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.hf_llama import llama_without_mask_token
+
 from tidar_kernels.training import data as tdata
 from tidar_kernels.model.loading import LATEST, load_model
 from tidar_kernels.training.checkpointing import STATE_JSON, resolve_checkpoint, save_checkpoint
@@ -222,24 +224,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_continual_pretraining_from_hf_directory(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    corpus = tdata.build_corpus(max_chars=100_000)
-    tok = tdata.train_tokenizer((d.text for d in corpus.train), 320)
-    from tokenizers import Tokenizer
-    plain = Tokenizer.from_str(tok.tokenizer.to_str())
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    # an AR checkpoint: its tokenizer has no mask token (we drop <|mask|> by renaming it)
-    raw = json.loads(plain.to_str())
-    for added in raw["added_tokens"]:
-        if added["content"] == tdata.MASK_TOKEN:
-            added["content"] = "<|unused|>"
-    raw["model"]["vocab"] = {("<|unused|>" if k == tdata.MASK_TOKEN else k): v for k, v in raw["model"]["vocab"].items()}
-    (hf_dir / "tokenizer.json").write_text(json.dumps(raw))
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    pytest.importorskip("transformers")
+    hf_dir = llama_without_mask_token(tmp_path / "hf", num_hidden_layers=1)
     result = train(dataclasses.replace(QUICK, init=str(hf_dir), steps=2))
     assert result.model.config.mask_token_id == 320 == result.tokenizer.mask_id
     assert result.model.config.vocab_size == 321
