@@ -73,11 +73,23 @@ def bench_device(smoke: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def device_label(smoke: bool) -> str:
-    """Folder name of the results: the sanitised GPU name, or ``cpu-smoke``."""
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label(smoke: bool, cpu: bool = False) -> str:
+    """Folder name of the results: the sanitised GPU name (``cpu``: CPU model name), or ``cpu-smoke``."""
     if smoke:
         return SMOKE_DEVICE
-    name = torch.cuda.get_device_name()
+    name = cpu_name() if cpu else torch.cuda.get_device_name()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -102,15 +114,16 @@ def roofline_columns(flops: float, hbm_bytes: float, ms: Optional[float],
     return {"limit_ms": limit_ms, "of_limit": limit_ms / ms}
 
 
-def output_dir(out: Optional[Path], smoke: bool) -> Path:
-    """``<out>/<device>/``; smoke runs default to a temporary directory, never to bench/results."""
+def output_dir(out: Optional[Path], smoke: bool, cpu: bool = False) -> Path:
+    """``<out>/<device>/``; smoke runs default to a temporary directory, never to bench/results.
+    ``cpu``: a benchmark of the CPU itself (the folder is named after the CPU)."""
     if out is None:
         out = Path(tempfile.gettempdir()) / "tidar-bench" if smoke else RESULTS_ROOT
     resolved, results = Path(out).resolve(), RESULTS_ROOT.resolve()
     if smoke and (resolved == results or results in resolved.parents):
         raise ValueError(f"--out must lie outside {RESULTS_ROOT} for a --smoke run (smoke timings are not "
                          f"results), got {out}")
-    path = Path(out) / device_label(smoke)
+    path = Path(out) / device_label(smoke, cpu)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -171,11 +184,12 @@ def _driver_version() -> str:
         return "unknown"
 
 
-def metadata(smoke: bool, script: str, argv: Sequence[str]) -> dict[str, str]:
+def metadata(smoke: bool, script: str, argv: Sequence[str], cpu: bool = False) -> dict[str, str]:
     """Where and how a result was measured: device, versions, commit, date, reproduce command.
 
     ``script`` is the script's ``__file__`` and ``argv`` its arguments, so the
     command is the same whether the script ran from the shell or from a test.
+    ``cpu``: a benchmark of the CPU itself; its model name and torch's thread count are recorded.
     """
     try:
         import triton
@@ -184,14 +198,18 @@ def metadata(smoke: bool, script: str, argv: Sequence[str]) -> dict[str, str]:
         triton_version = "not installed"
     if smoke:
         gpu, driver, cuda = "none (CPU smoke run)", "n/a", "n/a"
+    elif cpu:
+        gpu, driver, cuda = "none (CPU run)", "n/a", "n/a"
     else:
         gpu, driver, cuda = torch.cuda.get_device_name(), _driver_version(), str(torch.version.cuda)
     script_path = Path(script).resolve()
     if script_path.is_relative_to(REPO_ROOT):
         script_path = script_path.relative_to(REPO_ROOT)
     return {
-        "device": device_label(smoke),
+        "device": device_label(smoke, cpu),
         "gpu": gpu,
+        "cpu": cpu_name(),
+        "threads": str(torch.get_num_threads()),
         "driver": driver,
         "cuda": cuda,
         "torch": torch.__version__,
@@ -245,7 +263,7 @@ def print_header(meta: dict[str, str]) -> None:
     """Print the metadata and, for smoke runs, the not-a-result banner."""
     if meta["device"] == SMOKE_DEVICE:
         print("=" * len(SMOKE_BANNER) + "\n" + SMOKE_BANNER + "\n" + "=" * len(SMOKE_BANNER))
-    for key in ("gpu", "driver", "cuda", "torch", "triton", "commit", "date", "command"):
+    for key in ("gpu", "driver", "cuda", "cpu", "threads", "torch", "triton", "commit", "date", "command"):
         print(f"# {key}: {meta[key]}")
 
 

