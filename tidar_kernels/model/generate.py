@@ -44,7 +44,7 @@ import torch
 from ..kernels import ops
 from ..kernels.mask import Layout, local_position_ids
 from ..kernels.validation import check_positive
-from . import checkpoints
+from . import checkpoints, cpu_linear
 from .adapters import adapters_of, attach_lora
 from .kv_cache import KVCache, PagedKVCache
 from .loading import load_chat_tokenizer, load_model
@@ -608,8 +608,10 @@ def _finish(loop: _Loop, setup: _Setup, start: float, pad_token_id, cuda_graph, 
     """Run ``loop`` (graph-captured on CUDA unless a custom generator is given) and collect its result."""
     on_cuda = loop.prompt_ids.device.type == "cuda"
     use_graph = cuda_graph and on_cuda and setup.sampling.generator is None
-    # Each step emits >= 1 token per active sequence, and the prefill emits the first.
-    forwards = loop.run(setup.max_new_tokens - 1, setup.sync_every if on_cuda else 1, use_graph, stream)
+    # Each step emits >= 1 token per active sequence, and the prefill emits the first. On the CPU the
+    # linears run on prepacked weights (cpu_linear: the fp32 small-M GEMMs are 2-3x faster so).
+    with cpu_linear.packed_linears(not on_cuda and cpu_linear.requested()):
+        forwards = loop.run(setup.max_new_tokens - 1, setup.sync_every if on_cuda else 1, use_graph, stream)
     if pad_token_id is None:
         pad_token_id = setup.stop_tokens[0] if setup.stop_tokens else 0
     return loop.result(forwards, start, pad_token_id)

@@ -34,6 +34,7 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.mask import Layout, check_training_shape, training_position_ids
 from ..kernels.validation import check_positive
+from . import cpu_linear
 from .adapters import apply_adapter, embed
 from .kv_cache import KVCache
 
@@ -437,7 +438,7 @@ class Transformer(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., vocab]`` of hidden states ``[..., dim]`` (tied or untied head)."""
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(hidden, weight)
+        return cpu_linear.linear(hidden, weight)
 
     def forward_causal(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Likelihood mode (docs/semantics.md#append-and-likelihood): logits ``[B, T, V]``, plain causal, no cache."""
