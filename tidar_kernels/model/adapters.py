@@ -251,7 +251,7 @@ def apply_adapter(linear: nn.Linear, x: torch.Tensor, adapter_from: Optional[int
 
     Inside the decode loops' :func:`~tidar_kernels.model.cpu_linear.packed_linears` an fp32 CPU
     call runs on the prepacked weight instead of through the module."""
-    y = cpu_linear.linear(x, linear.weight, linear.bias) if cpu_linear.packs(x, linear.weight) else linear(x)
+    y = cpu_linear.packed_linear(x, linear.weight, linear.bias) if cpu_linear.packs(x, linear.weight) else linear(x)
     adapter = linear._modules.get("adapter")
     if adapter is None or adapter_from is None:
         return y

@@ -71,8 +71,11 @@ def packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed weight where :func:`packs` says so."""
-    if not packs(x, weight):
-        return F.linear(x, weight, bias)
+    return packed_linear(x, weight, bias) if packs(x, weight) else F.linear(x, weight, bias)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` on the packed weight, for a call :func:`packs` has accepted."""
     return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, "none", [None], "")
 
 
